@@ -13,6 +13,8 @@ import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
+from broker.money import format_usd
+
 DOMAIN = "keybroker"
 
 
@@ -59,8 +61,8 @@ class MonthlyLimitExceeded(KeybrokerError):
         super().__init__(
             "the user's monthly limit is used up",
             user_id=user_id,
-            limit_usd=str(limit_usd),
-            usage_usd=str(usage_usd),
+            limit_usd=format_usd(limit_usd),
+            usage_usd=format_usd(usage_usd),
         )
         self.user_id = user_id
 
@@ -162,9 +164,7 @@ class RpcStatus:
 def to_rpc_status(error: KeybrokerError) -> RpcStatus:
     """The one translation from a domain error to a gRPC status with rich details."""
     details: list[any_pb2.Any] = [
-        _pack(
-            error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN, metadata=error.metadata)
-        )
+        _pack(error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN, metadata=error.metadata))
     ]
     if isinstance(error, InvalidArgument):
         violations = [
@@ -181,9 +181,7 @@ def to_rpc_status(error: KeybrokerError) -> RpcStatus:
         delay = duration_pb2.Duration()
         delay.FromNanoseconds(int(error.retry_after_seconds * 1e9))
         details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
-    status = status_pb2.Status(
-        code=_CODE_NUMBERS[error.code], message=error.message, details=details
-    )
+    status = status_pb2.Status(code=_CODE_NUMBERS[error.code], message=error.message, details=details)
     return RpcStatus(error.code, error.message, status)
 
 

@@ -1,0 +1,137 @@
+"""The composition root: builds every long-lived part once, and closes them in reverse order."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+
+from broker import crypto, embedded
+from broker.auth import TokenAuthority
+from broker.background import BackgroundTasks
+from broker.clock import Clock, system_clock
+from broker.config import ConfigError, Settings
+from broker.db import Database
+from broker.keys import KeyService
+from broker.ledger import Ledger
+from broker.migrations import migrate
+from broker.openrouter import OpenRouterClient
+from broker.server import BrokerServer
+
+log = logging.getLogger("keybroker")
+
+
+@dataclass
+class Runtime:
+    """The parts every entry point shares (server, command line, tests)."""
+
+    settings: Settings
+    clock: Clock
+    db: Database
+    ring: crypto.KeyRing
+    provider: OpenRouterClient
+    keys: KeyService
+    ledger: Ledger
+    authority: TokenAuthority
+    sandbox_url: str | None = None
+
+
+def database_url(settings: Settings) -> str:
+    if settings.database_url:
+        return settings.database_url
+    return embedded.start_postgres(settings.data_dir)
+
+
+def key_ring(settings: Settings) -> crypto.KeyRing:
+    spec = settings.master_key
+    if spec is None:
+        if not settings.embedded_database:
+            raise ConfigError("KEYBROKER_MASTER_KEY is required with KEYBROKER_DATABASE_URL")
+        spec = embedded.master_key(settings.data_dir)
+    try:
+        return crypto.parse_master_key(spec)
+    except crypto.MasterKeyError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+@asynccontextmanager
+async def open_runtime(
+    settings: Settings, clock: Clock = system_clock, *, apply_migrations: bool = True
+) -> AsyncIterator[Runtime]:
+    """Open database, provider client and services; closes them all on exit."""
+    async with AsyncExitStack() as stack:
+        ring = key_ring(settings)
+        db = await Database.connect(database_url(settings), settings)
+        stack.push_async_callback(db.close)
+        if apply_migrations:
+            async with db.connection() as conn:
+                applied = await migrate(conn)
+            if applied:
+                log.info("applied migrations: %s", ", ".join(applied))
+        base_url, management_key, sandbox_url = settings.openrouter_base_url, settings.management_key, None
+        if management_key is None:
+            management_key = secrets.token_urlsafe(24)
+            sandbox_url = base_url = await stack.enter_async_context(_sandbox(management_key))
+        provider = OpenRouterClient(base_url, management_key, timeout_seconds=settings.provider_timeout)
+        stack.push_async_callback(provider.aclose)
+        ledger = Ledger(db, clock, settings.reservation_ttl)
+        yield Runtime(
+            settings=settings,
+            clock=clock,
+            db=db,
+            ring=ring,
+            provider=provider,
+            keys=KeyService(db, provider, ring, clock),
+            ledger=ledger,
+            authority=TokenAuthority(db, clock, settings.token_cache_seconds),
+            sandbox_url=sandbox_url,
+        )
+
+
+@asynccontextmanager
+async def _sandbox(management_key: str) -> AsyncIterator[str]:
+    from broker.sandbox import Sandbox
+
+    sandbox = Sandbox(management_key)
+    url = await sandbox.start("127.0.0.1", 0)
+    log.warning(
+        "*** OPENROUTER SANDBOX *** no OPENROUTER_MANAGEMENT_KEY is set: keys are issued by a local "
+        "fake OpenRouter at %s; they do not work at openrouter.ai and vanish when the broker stops",
+        url,
+    )
+    try:
+        yield url
+    finally:
+        await sandbox.stop()
+
+
+@asynccontextmanager
+async def serving(runtime: Runtime) -> AsyncIterator[BrokerServer]:
+    """The gRPC server and background tasks, running until the block exits (then drained)."""
+    server = BrokerServer(runtime.keys, runtime.ledger, runtime.authority)
+    port = await server.start(runtime.settings.listen)
+    tasks = BackgroundTasks(runtime.keys, runtime.ledger, runtime.settings.background_interval)
+    tasks.start()
+    log.info("keybroker listening on port %d", port, extra={"port": port})
+    try:
+        yield server
+    finally:
+        await tasks.stop()
+        await server.stop(runtime.settings.shutdown_grace)
+
+
+async def run_until_signal(server: BrokerServer) -> None:
+    """Serve until SIGTERM or SIGINT; the caller's `serving` block then drains."""
+    import signal
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down: draining in-flight calls")

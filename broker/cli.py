@@ -1,0 +1,251 @@
+"""The `keybroker` command: serve, migrate, sandbox, tokens, keys, usage, audit.
+
+Server-side commands (serve, migrate, token, audit) open the database directly; key and usage
+commands are clients of the running broker's gRPC API, exactly like any other caller.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import logging
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from broker import cli_remote, embedded, logs
+from broker.app import open_runtime, run_until_signal, serving
+from broker.config import ConfigError, Settings, load_settings
+from broker.errors import KeybrokerError
+from broker.storage import tokens_store
+from broker.tables import print_json, print_table
+
+log = logging.getLogger("keybroker")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="keybroker", description="Per-user OpenRouter keys over gRPC.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the gRPC broker")
+    serve.add_argument("--listen", help="HOST:PORT (default KEYBROKER_LISTEN or 127.0.0.1:50051)")
+    commands.add_parser("migrate", help="apply pending database migrations and exit")
+    sandbox = commands.add_parser("sandbox", help="serve the local OpenRouter sandbox API under /api/v1")
+    sandbox.add_argument("--listen", default="127.0.0.1:8787", help="HOST:PORT (default 127.0.0.1:8787)")
+    sandbox.add_argument("--management-key", required=True, help="the management key callers must send")
+
+    token = commands.add_parser("token", help="caller tokens").add_subparsers(dest="action", required=True)
+    create = token.add_parser("create", help="create a token; prints only the token")
+    create.add_argument("--name", required=True)
+    create.add_argument("--scope", required=True, choices=("agent", "admin"))
+    token_list = token.add_parser("list", help="list tokens (never the secrets)")
+    token_list.add_argument("--all", action="store_true", help="include revoked tokens")
+    _json_flag(token_list)
+    token.add_parser("revoke", help="revoke a token by name").add_argument("name")
+
+    _add_key_commands(commands)
+    usage = commands.add_parser("usage", help="usage reports").add_subparsers(dest="action", required=True)
+    summary = usage.add_parser("summary", help="a user's usage in a month")
+    summary.add_argument("user")
+    summary.add_argument("--month", help="YYYY-MM (default: this month)")
+    _remote_flags(summary)
+
+    audit = commands.add_parser("audit", help="audit log").add_subparsers(dest="action", required=True)
+    audit_list = audit.add_parser("list", help="latest audit events")
+    audit_list.add_argument("--user")
+    audit_list.add_argument("--limit", type=int, default=50)
+    _json_flag(audit_list)
+    return parser
+
+
+def _add_key_commands(commands: Any) -> None:
+    key = commands.add_parser("key", help="users' OpenRouter keys").add_subparsers(
+        dest="action", required=True
+    )
+    create = key.add_parser("create-user", help="provision a key for a new user")
+    create.add_argument("user")
+    create.add_argument("--tier", default="free")
+    create.add_argument("--limit", help="custom monthly limit in USD")
+    create.add_argument("--request-id", help="idempotency key (default: random)")
+    rotate = key.add_parser("rotate-user", help="rotate a user's key")
+    rotate.add_argument("user")
+    rotate.add_argument(
+        "--delete-old", action="store_true", help="delete the old key instead of disabling it"
+    )
+    rotate.add_argument("--grace", type=float, default=0.0, help="seconds the old key keeps working")
+    rotate.add_argument("--request-id", help="idempotency key (default: random)")
+    key.add_parser("status", help="one user's key").add_argument("user")
+    key.add_parser("list", help="every user's key")
+    update = key.add_parser("update", help="change tier, limit, or suspend/resume")
+    update.add_argument("user")
+    update.add_argument("--tier")
+    update.add_argument("--limit", help="custom monthly limit in USD; '' removes it")
+    state = update.add_mutually_exclusive_group()
+    state.add_argument("--disable", dest="disabled", action="store_const", const=True)
+    state.add_argument("--enable", dest="disabled", action="store_const", const=False)
+    revoke = key.add_parser("revoke", help="revoke a user's key")
+    revoke.add_argument("user")
+    revoke.add_argument("--delete", action="store_true", help="delete at OpenRouter instead of disabling")
+    for sub in key.choices.values():
+        _remote_flags(sub)
+
+
+def _json_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def _remote_flags(parser: argparse.ArgumentParser) -> None:
+    _json_flag(parser)
+    parser.add_argument("--target", help="broker address (default KEYBROKER_LISTEN)")
+    parser.add_argument("--token", help="caller token (default KEYBROKER_TOKEN, or the embedded dev token)")
+
+
+REMOTE: dict[tuple[str, str], Callable[[Any, argparse.Namespace], Awaitable[None]]] = {
+    ("key", "create-user"): cli_remote.create_user,
+    ("key", "rotate-user"): cli_remote.rotate_user,
+    ("key", "status"): cli_remote.status,
+    ("key", "list"): cli_remote.list_keys,
+    ("key", "update"): cli_remote.update_user,
+    ("key", "revoke"): cli_remote.revoke_user,
+    ("usage", "summary"): cli_remote.usage_summary,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings()
+        logs.configure(settings.log_level, settings.log_format)
+        return asyncio.run(dispatch(args, settings)) or 0
+    except KeyboardInterrupt:
+        return 130
+    except (ConfigError, KeybrokerError, LookupError, ValueError) as exc:
+        print(f"keybroker: error: {getattr(exc, 'message', exc)}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # client errors carry a reason; anything else is a one-liner too
+        reason = getattr(exc, "reason", type(exc).__name__)
+        print(f"keybroker: error: {reason}: {getattr(exc, 'message', exc)}", file=sys.stderr)
+        return 1
+
+
+async def dispatch(args: argparse.Namespace, settings: Settings) -> int:
+    remote = REMOTE.get((args.command, getattr(args, "action", "")))
+    if remote is not None:
+        return await run_remote(remote, args, settings)
+    if args.command == "serve":
+        return await serve(settings.with_overrides(listen=args.listen) if args.listen else settings)
+    if args.command == "sandbox":
+        from broker.sandbox import run_sandbox
+
+        await run_sandbox(args.listen, args.management_key)
+        return 0
+    async with open_runtime(settings, apply_migrations=True) as runtime:
+        if args.command == "migrate":
+            print("database is up to date")
+        elif args.command == "token":
+            return await token_command(runtime, args)
+        elif args.command == "audit":
+            rows = await tokens_store.list_audit(runtime.db, args.user, args.limit)
+            data = [row.__dict__ for row in rows]
+            print_json(data) if args.json else print_table(
+                data, ("event_time", "actor", "action", "user_id", "details")
+            )
+    return 0
+
+
+async def token_command(runtime: Any, args: argparse.Namespace) -> int:
+    actor = f"cli:{getpass.getuser()}"
+    if args.action == "create":
+        try:
+            issued = await runtime.authority.create(args.name, args.scope, actor)
+        except tokens_store.TokenNameTaken:
+            raise ValueError(f"a live token named {args.name!r} exists; revoke it first") from None
+        print(issued.token)
+    elif args.action == "list":
+        rows = await tokens_store.list_tokens(runtime.db, include_revoked=args.all)
+        data = [
+            {
+                "name": r.name,
+                "scope": r.scope,
+                "token_id": r.token_id,
+                "create_time": r.create_time,
+                "revoke_time": r.revoke_time,
+            }
+            for r in rows
+        ]
+        print_json(data) if args.json else print_table(
+            data, ("name", "scope", "token_id", "create_time", "revoke_time")
+        )
+    elif args.action == "revoke":
+        if not await runtime.authority.revoke(args.name, actor):
+            raise LookupError(f"no live token named {args.name!r}")
+        print(f"revoked {args.name}")
+    return 0
+
+
+async def serve(settings: Settings) -> int:
+    async with open_runtime(settings) as runtime, serving(runtime) as server:
+        if settings.embedded_database:
+            await dev_token(runtime, settings.data_dir)
+            host = settings.listen.rsplit(":", 1)[0]
+            print_grpcurl_example(f"{host}:{server.port}", settings.data_dir / embedded.DEV_TOKEN_FILE)
+        await run_until_signal(server)
+    return 0
+
+
+async def dev_token(runtime: Any, data_dir: Path) -> str:
+    """The embedded mode's admin token, kept in the data dir (mode 0600) across restarts."""
+    path = data_dir / embedded.DEV_TOKEN_FILE
+    token = embedded.read_or_create_secret_file(path, create=False, make="")
+    if token and await _token_works(runtime, token):
+        return token
+    await runtime.authority.revoke("dev", "system")
+    issued = await runtime.authority.create("dev", "admin", "system")
+    path.unlink(missing_ok=True)
+    embedded.read_or_create_secret_file(path, create=True, make=issued.token)
+    return str(issued.token)
+
+
+async def _token_works(runtime: Any, token: str) -> bool:
+    try:
+        await runtime.authority.authenticate(f"Bearer {token}")
+    except KeybrokerError:
+        return False
+    return True
+
+
+def print_grpcurl_example(target: str, token_file: Path) -> None:
+    print(
+        "\nkeybroker is running on the embedded defaults (development only).\n"
+        f"A development admin token is in {token_file} (mode 0600). Try:\n\n"
+        f"  export KEYBROKER_TOKEN=$(cat {token_file})\n"
+        f'  grpcurl -plaintext -H "authorization: Bearer $KEYBROKER_TOKEN" \\\n'
+        f'    -d \'{{"user_id": "alice", "tier": "free", "request_id": "r1"}}\' \\\n'
+        f"    {target} keybroker.v1.KeyBrokerAdmin/ProvisionKey\n"
+        f'  grpcurl -plaintext -H "authorization: Bearer $KEYBROKER_TOKEN" \\\n'
+        f'    -d \'{{"user_id": "alice"}}\' {target} keybroker.v1.KeyBroker/CheckLimit\n',
+        flush=True,
+    )
+
+
+async def run_remote(
+    command: Callable[[Any, argparse.Namespace], Awaitable[None]],
+    args: argparse.Namespace,
+    settings: Settings,
+) -> int:
+    from keybroker_client import KeyBrokerClient
+
+    token = args.token or settings.cli_token
+    if not token and settings.embedded_database:
+        token = embedded.read_or_create_secret_file(settings.data_dir / embedded.DEV_TOKEN_FILE, False, "")
+    if not token:
+        raise ConfigError("no caller token: pass --token or set KEYBROKER_TOKEN")
+    async with KeyBrokerClient(args.target or settings.listen, token, timeout=10.0) as client:
+        await command(client, args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

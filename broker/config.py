@@ -1,0 +1,166 @@
+"""Settings: one frozen object, read once from the environment. Nothing else reads os.environ."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from datetime import timedelta
+from pathlib import Path
+
+DEFAULT_LISTEN = "127.0.0.1:50051"
+DEFAULT_OPENROUTER_BASE_URL = "https://openrouter.ai/api/v1"
+
+
+class ConfigError(ValueError):
+    """A setting is missing or malformed; the message names the variable."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    listen: str = DEFAULT_LISTEN
+    # None: start the embedded PostgreSQL server in data_dir.
+    database_url: str | None = None
+    data_dir: Path = Path(".keybroker")
+    # None: generated into data_dir in embedded mode; required with a database URL.
+    master_key: str | None = None
+    # None: run against the in-process OpenRouter sandbox.
+    management_key: str | None = None
+    openrouter_base_url: str = DEFAULT_OPENROUTER_BASE_URL
+    reservation_ttl: timedelta = timedelta(minutes=15)
+    db_pool_min: int = 2
+    db_pool_max: int = 10
+    # Per-statement deadline; a database that does not answer gives UNAVAILABLE, not a hang.
+    db_command_timeout: float = 5.0
+    db_connect_timeout: float = 5.0
+    # 0 disables asyncpg's prepared-statement cache (needed behind PgBouncer in transaction mode
+    # before PgBouncer 1.21; see README "PgBouncer").
+    db_statement_cache_size: int = 1024
+    provider_timeout: float = 10.0
+    # How long a caller-token lookup is cached in-process; revocation takes effect within this.
+    token_cache_seconds: float = 5.0
+    # How often background tasks (key retirement, reservation expiry) look for work.
+    background_interval: timedelta = timedelta(seconds=2)
+    log_format: str = "text"
+    log_level: str = "INFO"
+    shutdown_grace: float = 10.0
+    # Caller token the command line uses for gRPC commands (KEYBROKER_TOKEN).
+    cli_token: str | None = None
+
+    def __repr__(self) -> str:  # never show secrets
+        return (
+            f"Settings(listen={self.listen!r}, database_url={'set' if self.database_url else None}, "
+            f"data_dir={str(self.data_dir)!r}, management_key={'set' if self.management_key else None})"
+        )
+
+    @property
+    def embedded_database(self) -> bool:
+        return self.database_url is None
+
+    @property
+    def uses_sandbox(self) -> bool:
+        return self.management_key is None
+
+    def with_overrides(self, **changes: object) -> Settings:
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+
+def load_settings(env: Mapping[str, str] | None = None) -> Settings:
+    """Build Settings from the environment (or the given mapping, for tests)."""
+    env = os.environ if env is None else env
+    get = lambda name: (env.get(name) or "").strip() or None  # noqa: E731
+    management_key = get("OPENROUTER_MANAGEMENT_KEY") or get("OPENROUTER_PROVISIONING_KEY")
+    database_url = get("KEYBROKER_DATABASE_URL")
+    master_key = get("KEYBROKER_MASTER_KEY")
+    if database_url and not master_key:
+        raise ConfigError(
+            "KEYBROKER_MASTER_KEY is required with KEYBROKER_DATABASE_URL "
+            "(base64 of 32 random bytes, or ID:BASE64,... )"
+        )
+    defaults = Settings()
+    return Settings(
+        listen=get("KEYBROKER_LISTEN") or DEFAULT_LISTEN,
+        database_url=database_url,
+        data_dir=Path(get("KEYBROKER_DATA_DIR") or ".keybroker"),
+        master_key=master_key,
+        management_key=management_key,
+        openrouter_base_url=(get("OPENROUTER_BASE_URL") or DEFAULT_OPENROUTER_BASE_URL).rstrip("/"),
+        reservation_ttl=_duration(env, "KEYBROKER_RESERVATION_TTL", defaults.reservation_ttl),
+        db_pool_min=_int(env, "KEYBROKER_DB_POOL_MIN", defaults.db_pool_min, 0),
+        db_pool_max=_int(env, "KEYBROKER_DB_POOL_MAX", defaults.db_pool_max, 1),
+        db_command_timeout=_float(env, "KEYBROKER_DB_TIMEOUT", defaults.db_command_timeout),
+        db_connect_timeout=_float(env, "KEYBROKER_DB_CONNECT_TIMEOUT", defaults.db_connect_timeout),
+        db_statement_cache_size=_int(
+            env, "KEYBROKER_DB_STATEMENT_CACHE_SIZE", defaults.db_statement_cache_size, 0
+        ),
+        provider_timeout=_float(env, "KEYBROKER_PROVIDER_TIMEOUT", defaults.provider_timeout),
+        token_cache_seconds=_float(
+            env, "KEYBROKER_TOKEN_CACHE_SECONDS", defaults.token_cache_seconds, minimum=0.0
+        ),
+        background_interval=_duration(env, "KEYBROKER_BACKGROUND_INTERVAL", defaults.background_interval),
+        log_format=_choice(env, "KEYBROKER_LOG_FORMAT", ("text", "json"), defaults.log_format),
+        log_level=_choice(
+            env, "KEYBROKER_LOG_LEVEL", ("DEBUG", "INFO", "WARNING", "ERROR"), defaults.log_level
+        ),
+        shutdown_grace=_float(env, "KEYBROKER_SHUTDOWN_GRACE", defaults.shutdown_grace),
+        cli_token=get("KEYBROKER_TOKEN"),
+    )
+
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d)?$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(text: str) -> timedelta:
+    """'15m', '30s', '2h', '30d', '250ms', or plain seconds."""
+    match = _DURATION.match(text.strip())
+    if not match:
+        raise ValueError(f"not a duration: {text!r} (use e.g. 30s, 15m, 2h, 30d)")
+    number, unit = match.groups()
+    return timedelta(seconds=float(number) * _UNIT_SECONDS[unit or "s"])
+
+
+def _duration(env: Mapping[str, str], name: str, default: timedelta) -> timedelta:
+    raw = env.get(name)
+    if not raw:
+        return default
+    try:
+        return parse_duration(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{name}: {exc}") from None
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int) -> int:
+    raw = env.get(name)
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}: not an integer: {raw!r}") from None
+    if value < minimum:
+        raise ConfigError(f"{name}: must be at least {minimum}")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float, minimum: float = 0.001) -> float:
+    raw = env.get(name)
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}: not a number: {raw!r}") from None
+    if not value >= minimum:
+        raise ConfigError(f"{name}: must be at least {minimum}")
+    return value
+
+
+def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...], default: str) -> str:
+    raw = env.get(name)
+    if not raw:
+        return default
+    if raw not in choices:
+        raise ConfigError(f"{name}: must be one of {', '.join(choices)}")
+    return raw

@@ -1,0 +1,121 @@
+"""The asyncpg pool, and the one place where driver failures become domain errors."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+import asyncpg
+
+from broker.config import Settings
+from broker.errors import DatabaseUnavailable
+
+log = logging.getLogger("keybroker.db")
+T = TypeVar("T")
+
+# Failures that mean "the database cannot be reached or is going away": the caller gets
+# UNAVAILABLE (DATABASE_UNAVAILABLE) and may retry.
+UNREACHABLE: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.OperatorInterventionError,
+    asyncpg.InsufficientResourcesError,
+    asyncpg.QueryCanceledError,
+)
+# Failures that a retry of the same transaction resolves.
+RETRYABLE: tuple[type[BaseException], ...] = (
+    asyncpg.SerializationError,
+    asyncpg.DeadlockDetectedError,
+)
+MAX_ATTEMPTS = 4
+
+
+class Database:
+    """A bounded pool with deadlines; every call maps driver failures to DatabaseUnavailable."""
+
+    def __init__(self, pool: asyncpg.Pool, acquire_timeout: float) -> None:
+        self.pool = pool
+        self.acquire_timeout = acquire_timeout
+
+    @classmethod
+    async def connect(cls, dsn: str, settings: Settings) -> Database:
+        try:
+            pool = await asyncpg.create_pool(
+                dsn,
+                min_size=min(settings.db_pool_min, settings.db_pool_max),
+                max_size=settings.db_pool_max,
+                command_timeout=settings.db_command_timeout,
+                timeout=settings.db_connect_timeout,
+                statement_cache_size=settings.db_statement_cache_size,
+                max_inactive_connection_lifetime=60.0,
+                server_settings={"application_name": "keybroker"},
+            )
+        except UNREACHABLE as exc:
+            raise DatabaseUnavailable(f"cannot connect to the database ({type(exc).__name__})") from exc
+        return cls(pool, acquire_timeout=settings.db_command_timeout)
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator[asyncpg.Connection]:
+        async with translate_errors(), self.pool.acquire(timeout=self.acquire_timeout) as conn:
+            yield conn
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[asyncpg.Connection]:
+        async with self.connection() as conn, conn.transaction():
+            yield conn
+
+    async def fetchrow(self, sql: str, *args: Any) -> asyncpg.Record | None:
+        return await self.retrying(lambda conn: conn.fetchrow(sql, *args))
+
+    async def fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
+        return await self.retrying(lambda conn: conn.fetch(sql, *args))
+
+    async def fetchval(self, sql: str, *args: Any) -> Any:
+        return await self.retrying(lambda conn: conn.fetchval(sql, *args))
+
+    async def execute(self, sql: str, *args: Any) -> str:
+        return await self.retrying(lambda conn: conn.execute(sql, *args))
+
+    async def retrying(
+        self,
+        work: Callable[[asyncpg.Connection], Awaitable[T]],
+        retry_on: tuple[type[BaseException], ...] = (),
+    ) -> T:
+        """Run one statement (or function call) on a pooled connection, retrying the transient
+        conflicts (deadlock, serialization, and the caller's own `retry_on`)."""
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            try:
+                async with self.connection() as conn:
+                    return await work(conn)
+            except (*RETRYABLE, *retry_on):
+                if attempt == MAX_ATTEMPTS:
+                    raise DatabaseUnavailable("the database kept aborting the transaction") from None
+                await asyncio.sleep(0.005 * attempt)
+        raise AssertionError("unreachable")
+
+    async def ping(self) -> bool:
+        try:
+            await self.fetchval("SELECT 1")
+        except DatabaseUnavailable:
+            return False
+        return True
+
+
+@asynccontextmanager
+async def translate_errors() -> AsyncIterator[None]:
+    try:
+        yield
+    except DatabaseUnavailable:
+        raise
+    except UNREACHABLE as exc:
+        log.warning("database unavailable: %s", type(exc).__name__)
+        raise DatabaseUnavailable("the database is unavailable") from exc

@@ -1,0 +1,343 @@
+"""Key lifecycle: disclose, provision, rotate, revoke, update, retire.
+
+OpenRouter is called outside database transactions; the database decides who wins a race, and a
+provider key that lost one is deleted again. Retirement of an old provider key is a row in the
+database (api_keys.retire_at), so it happens even if this replica dies before doing it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from decimal import Decimal
+
+from broker import crypto
+from broker.clock import Clock, period_start
+from broker.db import Database
+from broker.errors import (
+    ConcurrentRotation,
+    InvalidArgument,
+    KeybrokerError,
+    KeyDisabled,
+    KeyExists,
+    MonthlyLimitExceeded,
+    NoApiKey,
+    ProviderError,
+    ProviderKeyNotFound,
+)
+from broker.openrouter import OpenRouterClient
+from broker.storage import keys_store
+from broker.storage.keys_store import AuditEvent, KeyRecord, NewKey, UserKey
+
+log = logging.getLogger("keybroker.keys")
+
+
+class SecretUnreadable(KeybrokerError):
+    """A stored secret does not open with the configured master key: a deployment fault."""
+
+    reason = "KEY_UNREADABLE"
+
+
+@dataclass(frozen=True)
+class DisclosedKey:
+    api_key: str
+    key_id: str
+    key_version: int
+    limit_usd: Decimal | None
+    spent_usd: Decimal
+    reserved_usd: Decimal
+
+    def __repr__(self) -> str:
+        return f"DisclosedKey(key_id={self.key_id!r}, key_version={self.key_version})"
+
+
+@dataclass(frozen=True)
+class Rotation:
+    key_id: str
+    key_version: int
+    previous_key_id: str
+    previous_key_expire_time: datetime
+
+
+def provider_key_name(user_id: str, key_version: int) -> str:
+    """Unique per user and version, so a create whose response was lost can be found by listing."""
+    return f"keybroker:{user_id}:v{key_version}"
+
+
+def provider_limit(limit: Decimal | None, spent_before_key: Decimal) -> Decimal | None:
+    """The provider key's own monthly cap: what is left of the user's limit when it was made."""
+    if limit is None:
+        return None
+    return max(limit - spent_before_key, Decimal(0))
+
+
+class KeyService:
+    def __init__(self, db: Database, provider: OpenRouterClient, ring: crypto.KeyRing, clock: Clock) -> None:
+        self.db = db
+        self.provider = provider
+        self.ring = ring
+        self.clock = clock
+
+    async def get_key(self, user_id: str, actor: str) -> DisclosedKey:
+        now = self.clock()
+        found = await keys_store.disclose_key(self.db, user_id, period_start(now), now, actor)
+        if found.outcome == "no_key":
+            raise NoApiKey(user_id)
+        if found.outcome == "disabled":
+            raise KeyDisabled(user_id)
+        if found.outcome == "limit":
+            assert found.limit_usd is not None
+            raise MonthlyLimitExceeded(user_id, found.limit_usd, found.spent_usd)
+        assert found.key_id and found.key_version and found.sealed and found.kek_id
+        identity = crypto.key_row_identity(user_id, found.key_version, found.key_id)
+        try:
+            secret = crypto.open_sealed(self.ring, found.kek_id, found.sealed, identity)
+        except crypto.SealError as exc:
+            log.error("stored key of user %s does not open: %s", user_id, exc)
+            raise SecretUnreadable(
+                "the stored key cannot be decrypted with the configured master key"
+            ) from None
+        return DisclosedKey(
+            secret, found.key_id, found.key_version, found.limit_usd, found.spent_usd, found.reserved_usd
+        )
+
+    async def info(self, user_id: str) -> UserKey:
+        found = await keys_store.find_user(self.db, user_id, period_start(self.clock()))
+        if found is None:
+            raise NoApiKey(user_id)
+        return found
+
+    async def provision(
+        self, user_id: str, tier: str, custom_limit: Decimal | None, request_id: str, actor: str
+    ) -> UserKey:
+        exists, tier_limit = await keys_store.tier_limit(self.db, tier)
+        if not exists:
+            raise InvalidArgument("tier", f"unknown tier {tier!r}")
+        now = self.clock()
+        current = await keys_store.find_user(self.db, user_id, period_start(now))
+        if current is not None:
+            if await keys_store.find_key_by_request(self.db, user_id, request_id):
+                return current  # a retry of the provisioning that made this key
+            if current.status != "revoked":
+                raise KeyExists(user_id)
+        version = 1 if current is None else current.key_version + 1
+        spent = Decimal(0) if current is None else current.spent_usd
+        limit = custom_limit if custom_limit is not None else tier_limit
+        key = await self._create_key(user_id, version, provider_limit(limit, spent), request_id, spent)
+        event = AuditEvent(
+            user_id,
+            actor,
+            "key.provisioned",
+            {"key_id": key.key_id, "key_version": version, "tier": tier, "custom_limit_usd": custom_limit},
+        )
+        store = keys_store.insert_user_with_key if current is None else keys_store.reissue_key
+        if not await self._store_or_discard(key, store(self.db, key, tier, custom_limit, event)):
+            if await keys_store.find_key_by_request(self.db, user_id, request_id):
+                return await self.info(user_id)
+            raise KeyExists(user_id)
+        return await self.info(user_id)
+
+    async def rotate(
+        self, user_id: str, request_id: str, grace: timedelta, delete_old: bool, actor: str
+    ) -> Rotation:
+        replay = await self._rotation_replay(user_id, request_id)
+        if replay is not None:
+            return replay
+        current = await self.info(user_id)
+        if current.status != "active" or current.disabled:
+            raise KeyDisabled(user_id)
+        version = current.key_version + 1
+        key = await self._create_key(
+            user_id,
+            version,
+            provider_limit(current.limit_usd, current.spent_usd),
+            request_id,
+            current.spent_usd,
+        )
+        retire_at = key.create_time + grace
+        event = AuditEvent(
+            user_id,
+            actor,
+            "key.rotated",
+            {
+                "key_id": key.key_id,
+                "key_version": version,
+                "previous_key_id": current.key_id,
+                "grace_seconds": grace.total_seconds(),
+                "delete_old": delete_old,
+            },
+        )
+        stored = keys_store.rotate(self.db, key, retire_at, delete_old, event)
+        if not await self._store_or_discard(key, stored):
+            replay = await self._rotation_replay(user_id, request_id)
+            if replay is not None:
+                return replay
+            raise ConcurrentRotation(user_id)
+        if grace <= timedelta(0):
+            await self.retire_now(user_id, current.key_version)
+        return Rotation(key.key_id, version, current.key_id, retire_at)
+
+    async def revoke(self, user_id: str, delete: bool, actor: str) -> UserKey:
+        now = self.clock()
+        event = AuditEvent(user_id, actor, "key.revoked", {"delete": delete})
+        if await keys_store.revoke(self.db, user_id, now, delete, event) is None:
+            return await self.info(user_id)  # unknown user -> NoApiKey; already revoked -> as is
+        for record in await keys_store.due_retirements(self.db, now, user_id=user_id):
+            await self._retire_or_defer(record)
+        return await self.info(user_id)
+
+    async def update(
+        self,
+        user_id: str,
+        actor: str,
+        tier: str | None = None,
+        custom_limit: Decimal | None = None,
+        clear_custom_limit: bool = False,
+        disabled: bool | None = None,
+    ) -> UserKey:
+        current = await self.info(user_id)
+        if current.status == "revoked":
+            raise KeyDisabled(user_id, "the user's key is revoked; provision a new one")
+        exists, tier_limit = await keys_store.tier_limit(self.db, tier or current.tier)
+        if not exists:
+            raise InvalidArgument("tier", f"unknown tier {tier!r}")
+        custom = None if clear_custom_limit else custom_limit
+        if custom is None and not clear_custom_limit:
+            custom = current.custom_limit_usd
+        new_limit = custom if custom is not None else tier_limit
+        await self._sync_provider(current, new_limit, disabled)
+        event = AuditEvent(
+            user_id,
+            actor,
+            "key.updated",
+            {
+                "tier": tier,
+                "custom_limit_usd": custom_limit,
+                "clear_custom_limit": clear_custom_limit,
+                "disabled": disabled,
+                "limit_usd": new_limit,
+            },
+        )
+        await keys_store.update_settings(
+            self.db, user_id, self.clock(), event, tier, custom_limit, clear_custom_limit, disabled
+        )
+        return await self.info(user_id)
+
+    async def list(self, page_token: str, page_size: int) -> tuple[list[UserKey], str]:
+        after = decode_page_token(page_token)
+        rows = await keys_store.list_users(self.db, after, page_size + 1, period_start(self.clock()))
+        more = len(rows) > page_size
+        rows = rows[:page_size]
+        return rows, (encode_page_token(rows[-1].user_id) if more else "")
+
+    async def retire_due(self) -> int:
+        """Disable (or delete) provider keys whose grace has ended; returns how many."""
+        done = 0
+        for record in await keys_store.due_retirements(self.db, self.clock()):
+            try:
+                await self._retire(record)
+                done += 1
+            except ProviderError as exc:
+                log.warning(
+                    "retiring key %s of %s failed, will retry: %s", record.key_id, record.user_id, exc.reason
+                )
+        return done
+
+    async def retire_now(self, user_id: str, key_version: int) -> None:
+        """Retire a key at once; on provider failure the background retirer finishes the job."""
+        record = await keys_store.find_key(self.db, user_id, key_version)
+        if record is not None:
+            await self._retire_or_defer(record)
+
+    async def _retire_or_defer(self, record: KeyRecord) -> None:
+        try:
+            await self._retire(record)
+        except ProviderError as exc:
+            log.warning("retiring key %s of %s deferred: %s", record.key_id, record.user_id, exc.reason)
+
+    async def _retire(self, record: KeyRecord) -> None:
+        try:
+            if record.retire_delete:
+                await self.provider.delete_key(record.key_id)
+            else:
+                await self.provider.update_key(record.key_id, disabled=True)
+        except ProviderKeyNotFound:
+            pass  # already gone at the provider: nothing left that could work
+        await keys_store.mark_retired(self.db, record, self.clock())
+
+    async def _sync_provider(
+        self, current: UserKey, new_limit: Decimal | None, disabled: bool | None
+    ) -> None:
+        now = self.clock()
+        base = current.limit_base_usd if current.limit_base_period == period_start(now) else Decimal(0)
+        target = provider_limit(new_limit, base)
+        if target != provider_limit(current.limit_usd, base):
+            await self.provider.update_key(
+                current.key_id, limit=target, limit_reset=None if target is None else "monthly"
+            )
+        if disabled is not None and disabled != current.disabled:
+            await self.provider.update_key(current.key_id, disabled=disabled)
+
+    async def _create_key(
+        self, user_id: str, version: int, limit: Decimal | None, request_id: str, spent: Decimal
+    ) -> NewKey:
+        created = await self.provider.create_key(provider_key_name(user_id, version), limit)
+        kek_id, sealed = crypto.seal(
+            self.ring, created.secret, crypto.key_row_identity(user_id, version, created.key.hash)
+        )
+        now = self.clock()
+        return NewKey(
+            user_id=user_id,
+            key_version=version,
+            key_id=created.key.hash,
+            provider_name=created.key.name,
+            sealed=sealed,
+            kek_id=kek_id,
+            request_id=request_id,
+            limit_base_usd=spent,
+            limit_base_period=period_start(now),
+            create_time=now,
+        )
+
+    async def _store_or_discard(self, key: NewKey, storing: Awaitable[bool]) -> bool:
+        """Await the store coroutine; if it loses or fails, delete the provider key we made."""
+        try:
+            stored = await storing
+        except BaseException:
+            await self._discard(key)
+            raise
+        if not stored:
+            await self._discard(key)
+        return stored
+
+    async def _discard(self, key: NewKey) -> None:
+        try:
+            await self.provider.delete_key(key.key_id)
+        except ProviderError as exc:
+            log.warning("could not delete unused provider key %s: %s", key.key_id, exc.reason)
+
+    async def _rotation_replay(self, user_id: str, request_id: str) -> Rotation | None:
+        record = await keys_store.find_key_by_request(self.db, user_id, request_id)
+        if record is None or record.key_version < 2:
+            return None
+        previous = await keys_store.find_key(self.db, user_id, record.key_version - 1)
+        assert previous is not None and previous.retire_at is not None
+        return Rotation(record.key_id, record.key_version, previous.key_id, previous.retire_at)
+
+
+def encode_page_token(user_id: str) -> str:
+    return base64.urlsafe_b64encode(user_id.encode()).decode().rstrip("=")
+
+
+def decode_page_token(token: str) -> str:
+    if not token:
+        return ""
+    try:
+        padded = token + "=" * (-len(token) % 4)
+        return base64.urlsafe_b64decode(padded.encode("ascii")).decode("utf-8")
+    except (binascii.Error, UnicodeError, ValueError):
+        raise InvalidArgument("page_token", "is not a token from a previous ListKeys response") from None

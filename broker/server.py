@@ -1,0 +1,126 @@
+"""The gRPC server: servicers, health, reflection, error translation, graceful shutdown."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from keybroker.v1 import keybroker_pb2 as pb
+from keybroker.v1 import keybroker_pb2_grpc as pb_grpc
+
+from broker.admin_service import KeyBrokerAdminService
+from broker.auth import AuthInterceptor, TokenAuthority, current_caller
+from broker.errors import KeybrokerError, to_rpc_status
+from broker.keys import KeyService
+from broker.ledger import Ledger
+from broker.service import KeyBrokerService
+
+log = logging.getLogger("keybroker.rpc")
+
+SERVICE_NAMES = (
+    pb.DESCRIPTOR.services_by_name["KeyBroker"].full_name,
+    pb.DESCRIPTOR.services_by_name["KeyBrokerAdmin"].full_name,
+)
+STATUS_DETAILS_KEY = "grpc-status-details-bin"
+MAX_MESSAGE_BYTES = 1 << 20
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """The one place where domain errors become gRPC statuses with rich details; anything else
+    is a bug: logged with its stack, answered INTERNAL without detail. Also logs each call."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        inner = handler.unary_unary
+        method = handler_call_details.method
+
+        async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            started = time.perf_counter()
+            code = grpc.StatusCode.OK
+            try:
+                return await inner(request, context)
+            except KeybrokerError as error:
+                status = to_rpc_status(error)
+                code = status.code
+                await context.abort(
+                    status.code,
+                    status.message,
+                    trailing_metadata=((STATUS_DETAILS_KEY, status.details.SerializeToString()),),
+                )
+            except Exception:
+                if context.code() not in (None, grpc.StatusCode.OK):
+                    raise  # an abort already in flight
+                code = grpc.StatusCode.INTERNAL
+                log.exception("bug while serving %s", method)
+                await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+            finally:
+                caller = current_caller.get()
+                log.info(
+                    "rpc %s %s %.1fms",
+                    method,
+                    code.name,
+                    (time.perf_counter() - started) * 1000,
+                    extra={
+                        "rpc": method,
+                        "status": code.name,
+                        "caller": caller.name if caller else None,
+                        "user_id": getattr(request, "user_id", None) or None,
+                    },
+                )
+
+        return handler._replace(unary_unary=guarded)  # type: ignore[attr-defined,no-any-return]
+
+
+class BrokerServer:
+    """A grpc.aio server with the broker's services; `port` is the bound port."""
+
+    def __init__(self, keys: KeyService, ledger: Ledger, authority: TokenAuthority) -> None:
+        self.server = grpc.aio.server(
+            interceptors=[ErrorInterceptor(), AuthInterceptor(authority)],
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        pb_grpc.add_KeyBrokerServicer_to_server(KeyBrokerService(keys, ledger), self.server)
+        pb_grpc.add_KeyBrokerAdminServicer_to_server(KeyBrokerAdminService(keys, ledger), self.server)
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+        )
+        self.port = 0
+
+    async def start(self, listen: str) -> int:
+        self.port = self.server.add_insecure_port(listen)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {listen}")
+        await self.server.start()
+        await self.set_serving(True)
+        return self.port
+
+    async def set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, status)
+
+    async def stop(self, grace: float) -> None:
+        """Drain: health turns NOT_SERVING, new calls are refused, in-flight calls finish."""
+        await self.set_serving(False)
+        await self.server.stop(grace)
+
+    async def wait(self) -> None:
+        await self.server.wait_for_termination()

@@ -1,0 +1,98 @@
+"""Request validation: every rule that turns bad input into INVALID_ARGUMENT naming the field."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from datetime import date, timedelta
+from decimal import Decimal
+
+from broker.errors import InvalidArgument
+from broker.money import MoneyFormatError, parse_usd
+
+USER_ID = re.compile(r"^[A-Za-z0-9._:@-]{1,128}$")
+REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,200}$")
+TIER_NAME = re.compile(r"^[a-z0-9_]{1,32}$")
+MONTH = re.compile(r"^(\d{4})-(\d{2})$")
+MAX_TOKENS = 10**12
+MAX_TEXT = 200
+MAX_CALL_DURATION = timedelta(hours=24)
+MAX_GRACE = timedelta(days=30)
+
+
+def user_id(value: str, field: str = "user_id") -> str:
+    if not value:
+        raise InvalidArgument(field, "is required")
+    if not USER_ID.match(value):
+        raise InvalidArgument(field, "must be 1-128 characters of A-Z a-z 0-9 . _ : @ -")
+    return value
+
+
+def request_id(value: str, field: str = "request_id", required: bool = True) -> str | None:
+    if not value:
+        if required:
+            raise InvalidArgument(field, "is required")
+        return None
+    if not REQUEST_ID.match(value):
+        raise InvalidArgument(field, "must be 1-200 printable ASCII characters without spaces")
+    return value
+
+
+def reservation_id(value: str, field: str = "reservation_id", required: bool = False) -> uuid.UUID | None:
+    if not value:
+        if required:
+            raise InvalidArgument(field, "is required")
+        return None
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise InvalidArgument(field, "must be a reservation id (a UUID) from CheckLimit") from None
+
+
+def usd(value: str, field: str, *, required: bool = False, positive: bool = False) -> Decimal | None:
+    if not value:
+        if required:
+            raise InvalidArgument(field, "is required")
+        return None
+    try:
+        amount = parse_usd(value)
+    except MoneyFormatError as exc:
+        raise InvalidArgument(field, str(exc)) from None
+    if positive and amount <= 0:
+        raise InvalidArgument(field, "must be greater than zero")
+    return amount
+
+
+def text(value: str, field: str) -> str:
+    if len(value) > MAX_TEXT:
+        raise InvalidArgument(field, f"must be at most {MAX_TEXT} characters")
+    if any(not ch.isprintable() for ch in value):
+        raise InvalidArgument(field, "must not contain control characters")
+    return value
+
+
+def tokens(value: int, field: str) -> int:
+    if value < 0 or value > MAX_TOKENS:
+        raise InvalidArgument(field, f"must be between 0 and {MAX_TOKENS}")
+    return value
+
+
+def duration(value: timedelta, field: str, maximum: timedelta) -> timedelta:
+    if value < timedelta(0) or value > maximum:
+        raise InvalidArgument(field, f"must be between 0 and {maximum}")
+    return value
+
+
+def tier(value: str, field: str = "tier") -> str:
+    if not TIER_NAME.match(value):
+        raise InvalidArgument(field, "must be a tier name such as free or standard")
+    return value
+
+
+def month(value: str, field: str = "month") -> date | None:
+    if not value:
+        return None
+    match = MONTH.match(value)
+    if not match or not (2000 <= int(match.group(1)) <= 2999 and 1 <= int(match.group(2)) <= 12):
+        raise InvalidArgument(field, "must be a month YYYY-MM between 2000-01 and 2999-12")
+    return date(int(match.group(1)), int(match.group(2)), 1)
