@@ -60,6 +60,12 @@ class KeyBrokerAdminService(pb_grpc.KeyBrokerAdminServicer):
         user = await self.keys.revoke(user_id, request.delete, caller_name())
         return pb.RevokeKeyResponse(key=key_info(user))
 
+    async def GetKeyInfo(
+        self, request: pb.GetKeyInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetKeyInfoResponse:
+        user = await self.keys.info(check.user_id(request.user_id))
+        return pb.GetKeyInfoResponse(key=key_info(user))
+
     async def ListKeys(
         self, request: pb.ListKeysRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListKeysResponse:

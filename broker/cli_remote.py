@@ -62,11 +62,8 @@ async def rotate_user(client: KeyBrokerClient, args: argparse.Namespace) -> None
 
 
 async def status(client: KeyBrokerClient, args: argparse.Namespace) -> None:
-    async for info in client.iter_keys():
-        if info.user_id == args.user:
-            show_key(info, args.json)
-            return
-    raise LookupError(f"user {args.user} has no key")
+    reply = await client.get_key_info(args.user)
+    show_key(reply.key, args.json)
 
 
 async def list_keys(client: KeyBrokerClient, args: argparse.Namespace) -> None:

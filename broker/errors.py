@@ -50,7 +50,7 @@ class NoApiKey(KeybrokerError):
     reason = "NO_API_KEY"
 
     def __init__(self, user_id: str) -> None:
-        super().__init__("the user has no API key", user_id=user_id)
+        super().__init__(f"user {user_id} has no API key", user_id=user_id)
 
 
 class MonthlyLimitExceeded(KeybrokerError):

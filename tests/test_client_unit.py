@@ -182,6 +182,7 @@ MINIMAL_CALLS: dict[str, dict[str, Any]] = {
     "provision_key": {"user_id": "u1"},
     "update_key": {"user_id": "u1"},
     "revoke_key": {"user_id": "u1"},
+    "get_key_info": {"user_id": "u1"},
     "list_keys": {},
     "get_usage_summary": {"user_id": "u1"},
 }

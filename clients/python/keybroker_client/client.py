@@ -212,6 +212,15 @@ class KeyBrokerClient:
         self._keys.invalidate(user_id)
         return response
 
+    async def get_key_info(
+        self, user_id: str, *, timeout: float | None = None
+    ) -> keybroker_pb2.GetKeyInfoResponse:
+        """One user's key metadata with this month's spend; never the secret."""
+        request = messages.get_key_info_request(user_id)
+        return await self._call(
+            "KeyBrokerAdmin", "GetKeyInfo", request, keybroker_pb2.GetKeyInfoResponse, timeout
+        )
+
     async def list_keys(
         self, *, page_size: int = 0, page_token: str = "", timeout: float | None = None
     ) -> keybroker_pb2.ListKeysResponse:

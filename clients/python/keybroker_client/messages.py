@@ -156,3 +156,7 @@ def get_usage_summary_request(
     if isinstance(month, datetime.date):
         month = f"{month.year:04d}-{month.month:02d}"
     return keybroker_pb2.GetUsageSummaryRequest(user_id=user_id, month=month or "")
+
+
+def get_key_info_request(user_id: str) -> keybroker_pb2.GetKeyInfoRequest:
+    return keybroker_pb2.GetKeyInfoRequest(user_id=user_id)

@@ -631,6 +631,52 @@ class RevokeKeyResponse(_message.Message):
 Global___RevokeKeyResponse: _TypeAlias = RevokeKeyResponse  # noqa: Y015
 
 @_typing.final
+class GetKeyInfoRequest(_message.Message):
+    """Request of KeyBrokerAdmin.GetKeyInfo."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.str
+    """The end user. Required; 1-128 characters of [A-Za-z0-9._:@-]."""
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetKeyInfoRequest: _TypeAlias = GetKeyInfoRequest  # noqa: Y015
+
+@_typing.final
+class GetKeyInfoResponse(_message.Message):
+    """Response of KeyBrokerAdmin.GetKeyInfo."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def key(self) -> Global___KeyInfo:
+        """The user's key metadata, with this month's spend."""
+
+    def __init__(
+        self,
+        *,
+        key: Global___KeyInfo | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["key", b"key"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetKeyInfoResponse: _TypeAlias = GetKeyInfoResponse  # noqa: Y015
+
+@_typing.final
 class ListKeysRequest(_message.Message):
     """Request of KeyBrokerAdmin.ListKeys."""
 

@@ -321,6 +321,11 @@ class KeyBrokerAdminStub:
                 request_serializer=keybroker_dot_v1_dot_keybroker__pb2.RevokeKeyRequest.SerializeToString,
                 response_deserializer=keybroker_dot_v1_dot_keybroker__pb2.RevokeKeyResponse.FromString,
                 _registered_method=True)
+        self.GetKeyInfo = channel.unary_unary(
+                '/keybroker.v1.KeyBrokerAdmin/GetKeyInfo',
+                request_serializer=keybroker_dot_v1_dot_keybroker__pb2.GetKeyInfoRequest.SerializeToString,
+                response_deserializer=keybroker_dot_v1_dot_keybroker__pb2.GetKeyInfoResponse.FromString,
+                _registered_method=True)
         self.ListKeys = channel.unary_unary(
                 '/keybroker.v1.KeyBrokerAdmin/ListKeys',
                 request_serializer=keybroker_dot_v1_dot_keybroker__pb2.ListKeysRequest.SerializeToString,
@@ -363,6 +368,14 @@ class KeyBrokerAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetKeyInfo(self, request, context):
+        """One user's key metadata (never the secret).
+        Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), NOT_FOUND (NO_API_KEY).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListKeys(self, request, context):
         """Lists every user's key metadata, ordered by user_id. Never returns a secret.
         Errors: INVALID_ARGUMENT (INVALID_ARGUMENT for a bad page_size or page_token).
@@ -396,6 +409,11 @@ def add_KeyBrokerAdminServicer_to_server(servicer, server):
                     servicer.RevokeKey,
                     request_deserializer=keybroker_dot_v1_dot_keybroker__pb2.RevokeKeyRequest.FromString,
                     response_serializer=keybroker_dot_v1_dot_keybroker__pb2.RevokeKeyResponse.SerializeToString,
+            ),
+            'GetKeyInfo': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetKeyInfo,
+                    request_deserializer=keybroker_dot_v1_dot_keybroker__pb2.GetKeyInfoRequest.FromString,
+                    response_serializer=keybroker_dot_v1_dot_keybroker__pb2.GetKeyInfoResponse.SerializeToString,
             ),
             'ListKeys': grpc.unary_unary_rpc_method_handler(
                     servicer.ListKeys,
@@ -490,6 +508,33 @@ class KeyBrokerAdmin:
             '/keybroker.v1.KeyBrokerAdmin/RevokeKey',
             keybroker_dot_v1_dot_keybroker__pb2.RevokeKeyRequest.SerializeToString,
             keybroker_dot_v1_dot_keybroker__pb2.RevokeKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetKeyInfo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keybroker.v1.KeyBrokerAdmin/GetKeyInfo',
+            keybroker_dot_v1_dot_keybroker__pb2.GetKeyInfoRequest.SerializeToString,
+            keybroker_dot_v1_dot_keybroker__pb2.GetKeyInfoResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -210,6 +210,10 @@ class KeyBrokerAdminStub:
     """Revokes the user's key: refused by GetKey at once, disabled (or deleted) at OpenRouter.
     Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), NOT_FOUND (NO_API_KEY).
     """
+    GetKeyInfo: _grpc.UnaryUnaryMultiCallable[_keybroker_pb2.GetKeyInfoRequest, _keybroker_pb2.GetKeyInfoResponse]
+    """One user's key metadata (never the secret).
+    Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), NOT_FOUND (NO_API_KEY).
+    """
     ListKeys: _grpc.UnaryUnaryMultiCallable[_keybroker_pb2.ListKeysRequest, _keybroker_pb2.ListKeysResponse]
     """Lists every user's key metadata, ordered by user_id. Never returns a secret.
     Errors: INVALID_ARGUMENT (INVALID_ARGUMENT for a bad page_size or page_token).
@@ -236,6 +240,10 @@ class KeyBrokerAdminAsyncStub(KeyBrokerAdminStub):
     """
     RevokeKey: _aio.UnaryUnaryMultiCallable[_keybroker_pb2.RevokeKeyRequest, _keybroker_pb2.RevokeKeyResponse]  # type: ignore[assignment]
     """Revokes the user's key: refused by GetKey at once, disabled (or deleted) at OpenRouter.
+    Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), NOT_FOUND (NO_API_KEY).
+    """
+    GetKeyInfo: _aio.UnaryUnaryMultiCallable[_keybroker_pb2.GetKeyInfoRequest, _keybroker_pb2.GetKeyInfoResponse]  # type: ignore[assignment]
+    """One user's key metadata (never the secret).
     Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), NOT_FOUND (NO_API_KEY).
     """
     ListKeys: _aio.UnaryUnaryMultiCallable[_keybroker_pb2.ListKeysRequest, _keybroker_pb2.ListKeysResponse]  # type: ignore[assignment]
@@ -279,6 +287,16 @@ class KeyBrokerAdminServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_keybroker_pb2.RevokeKeyResponse, _abc.Awaitable[_keybroker_pb2.RevokeKeyResponse]]:
         """Revokes the user's key: refused by GetKey at once, disabled (or deleted) at OpenRouter.
+        Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), NOT_FOUND (NO_API_KEY).
+        """
+
+    @_abc_1.abstractmethod
+    def GetKeyInfo(
+        self,
+        request: _keybroker_pb2.GetKeyInfoRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_keybroker_pb2.GetKeyInfoResponse, _abc.Awaitable[_keybroker_pb2.GetKeyInfoResponse]]:
+        """One user's key metadata (never the secret).
         Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), NOT_FOUND (NO_API_KEY).
         """
 
