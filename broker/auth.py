@@ -166,7 +166,7 @@ def wrap_handler(
             await before()
             return await inner(request, context)
 
-        return handler._replace(unary_unary=unary)  # type: ignore[attr-defined,no-any-return]
+        return handler._replace(unary_unary=unary)
     if handler.unary_stream is not None:
         inner_stream = handler.unary_stream
 
@@ -175,5 +175,5 @@ def wrap_handler(
             async for item in inner_stream(request, context):
                 yield item
 
-        return handler._replace(unary_stream=stream)  # type: ignore[attr-defined,no-any-return]
+        return handler._replace(unary_stream=stream)
     return handler

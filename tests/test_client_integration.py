@@ -17,7 +17,11 @@ from keybroker_client import (
 from broker.sandbox import Fault, Sandbox
 from tests.conftest import Broker
 
-PAYLOAD = {"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "Hello there!"}], "max_tokens": 8}
+PAYLOAD = {
+    "model": "openai/gpt-4o-mini",
+    "messages": [{"role": "user", "content": "Hello there!"}],
+    "max_tokens": 8,
+}
 
 
 async def test_openrouter_chat_reserves_calls_and_records_usage_by_generation_id(
@@ -35,7 +39,9 @@ async def test_openrouter_chat_reserves_calls_and_records_usage_by_generation_id
         assert Decimal(check.spent_usd) == cost, "the actual cost is recorded"
         assert Decimal(check.reserved_usd) == 0, "the reservation is settled"
 
-        second = await client.openrouter_chat("agent-user", PAYLOAD, agent="planner", openrouter_base_url=str(sandbox.base_url))
+        second = await client.openrouter_chat(
+            "agent-user", PAYLOAD, agent="planner", openrouter_base_url=str(sandbox.base_url)
+        )
         check = await client.check_limit("agent-user")
         assert Decimal(check.spent_usd) == cost + second["usage"]["cost"]
     async with KeyBrokerClient(broker.target, broker.admin_token) as admin:
@@ -71,7 +77,8 @@ async def test_the_cached_key_is_refreshed_after_a_rotation(broker: Broker, sand
         assert current.key_version == first.key_version + 1
         async with httpx.AsyncClient() as http:
             old = await http.post(
-                f"{sandbox.base_url}/chat/completions", json=PAYLOAD,
+                f"{sandbox.base_url}/chat/completions",
+                json=PAYLOAD,
                 headers={"authorization": f"Bearer {first.api_key}"},
             )
         assert old.status_code == 401

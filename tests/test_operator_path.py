@@ -17,7 +17,9 @@ from tests.conftest import Broker
 GRPCURL = shutil.which("grpcurl", path=str(Path(sys.executable).parent)) or shutil.which("grpcurl")
 
 
-async def run(*argv: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+async def run(
+    *argv: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
     """Run a command without blocking the event loop that serves the broker."""
     return await asyncio.to_thread(
         subprocess.run, list(argv), capture_output=True, text=True, timeout=timeout, env=env, check=False
@@ -36,18 +38,29 @@ async def test_grpcurl_lists_services_by_reflection_and_calls_check_limit_with_j
 
     await broker.provision("grpcurl-user", limit="7.5")
     called = await run(
-        GRPCURL, "-plaintext", "-H", f"authorization: Bearer {broker.agent_token}",
-        "-d", json.dumps({"user_id": "grpcurl-user", "estimated_cost_usd": "0.25"}),
-        broker.target, "keybroker.v1.KeyBroker/CheckLimit",
+        GRPCURL,
+        "-plaintext",
+        "-H",
+        f"authorization: Bearer {broker.agent_token}",
+        "-d",
+        json.dumps({"user_id": "grpcurl-user", "estimated_cost_usd": "0.25"}),
+        broker.target,
+        "keybroker.v1.KeyBroker/CheckLimit",
     )
     assert called.returncode == 0, called.stderr
     reply = json.loads(called.stdout)
     assert reply["allowed"] is True
-    assert reply["limit_usd"] == "7.5" and reply["reserved_usd"] == "0.25" and reply["remaining_usd"] == "7.25"
+    assert (
+        reply["limit_usd"] == "7.5" and reply["reserved_usd"] == "0.25" and reply["remaining_usd"] == "7.25"
+    )
 
     refused = await run(
-        GRPCURL, "-plaintext", "-d", json.dumps({"user_id": "grpcurl-user"}),
-        broker.target, "keybroker.v1.KeyBroker/CheckLimit",
+        GRPCURL,
+        "-plaintext",
+        "-d",
+        json.dumps({"user_id": "grpcurl-user"}),
+        broker.target,
+        "keybroker.v1.KeyBroker/CheckLimit",
     )
     assert refused.returncode != 0 and "Unauthenticated" in refused.stderr
 
@@ -78,7 +91,10 @@ async def test_cli_token_create_then_key_and_usage_round_trip(broker: Broker, tm
     assert token.startswith("kbt_") and len(created.stdout.splitlines()) == 1, "only the token on stdout"
     env["KEYBROKER_TOKEN"] = token
 
-    made = await run(*keybroker("key", "create-user", "cli-user", "--tier", "standard", "--limit", "12.5", "--json"), env=env)
+    made = await run(
+        *keybroker("key", "create-user", "cli-user", "--tier", "standard", "--limit", "12.5", "--json"),
+        env=env,
+    )
     assert made.returncode == 0, made.stderr
     info = json.loads(made.stdout)
     assert info["user_id"] == "cli-user" and info["limit_usd"] == "12.5" and info["status"] == "active"
@@ -86,7 +102,12 @@ async def test_cli_token_create_then_key_and_usage_round_trip(broker: Broker, tm
 
     await broker.agent.RecordUsage(
         __import__("keybroker.v1.keybroker_pb2", fromlist=["x"]).RecordUsageRequest(
-            user_id="cli-user", request_id="gen-cli", cost_usd="0.5", model="m/one", agent="a1", prompt_tokens=3
+            user_id="cli-user",
+            request_id="gen-cli",
+            cost_usd="0.5",
+            model="m/one",
+            agent="a1",
+            prompt_tokens=3,
         ),
         metadata=broker.as_agent(),
     )

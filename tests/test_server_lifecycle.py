@@ -39,8 +39,7 @@ async def test_draining_turns_health_not_serving_and_lets_in_flight_calls_finish
     # Slow the provider so that ProvisionKey is in flight when the drain starts.
     sandbox.faults.add(Fault(path_prefix="/api/v1/keys", method="POST", delay_seconds=1.0))
     in_flight = asyncio.ensure_future(broker.provision("draining-user"))
-    while sandbox.faults.pending() and not in_flight.done():
-        await asyncio.sleep(0.01)  # poll until the call is held by the delay at the sandbox
+    await asyncio.wait_for(sandbox.faults.wait_fired(), 10)  # the call is now held at the sandbox
     stopping = asyncio.ensure_future(broker.server.stop(grace=5.0))
     assert (await watch.read()).status == NOT_SERVING
     info = await in_flight
@@ -54,7 +53,9 @@ def broker_env(data_dir: Path) -> dict[str, str]:
     return env
 
 
-async def read_until(stream: asyncio.StreamReader, pattern: str, seen: list[str], timeout: float = 60) -> re.Match[str]:
+async def read_until(
+    stream: asyncio.StreamReader, pattern: str, seen: list[str], timeout: float = 60
+) -> re.Match[str]:
     async def scan() -> re.Match[str]:
         while True:
             line = (await stream.readline()).decode()
@@ -71,8 +72,13 @@ async def read_until(stream: asyncio.StreamReader, pattern: str, seen: list[str]
 async def test_serve_on_embedded_defaults_then_sigterm(tmp_path: Path) -> None:
     """What `make run` does: no database URL, no management key -> embedded PostgreSQL + sandbox."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "broker", "serve",
-        env=broker_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "broker",
+        "serve",
+        env=broker_env(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
     assert proc.stdout and proc.stderr
     logs: list[str] = []
@@ -92,7 +98,9 @@ async def test_serve_on_embedded_defaults_then_sigterm(tmp_path: Path) -> None:
         auth = (("authorization", f"Bearer {token}"),)
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             admin, agent = pb_grpc.KeyBrokerAdminStub(channel), pb_grpc.KeyBrokerStub(channel)
-            await admin.ProvisionKey(pb.ProvisionKeyRequest(user_id="alice", request_id="r1"), metadata=auth, timeout=30)
+            await admin.ProvisionKey(
+                pb.ProvisionKeyRequest(user_id="alice", request_id="r1"), metadata=auth, timeout=30
+            )
             key = await agent.GetKey(pb.GetKeyRequest(user_id="alice"), metadata=auth, timeout=10)
             assert key.api_key.startswith("sk-or-v1-") and key.limit_usd == "10"
         proc.send_signal(signal.SIGTERM)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal
@@ -115,6 +116,20 @@ class FaultRules:
 
     def __init__(self) -> None:
         self._rules: list[_Rule] = []
+        self._fired: asyncio.Condition | None = None
+        self.fired_count = 0
+
+    async def wait_fired(self, count: int = 1) -> None:
+        """Wait until faults have fired `count` times in all (tests await this, never sleep)."""
+        if self._fired is None:
+            self._fired = asyncio.Condition()
+        async with self._fired:
+            await self._fired.wait_for(lambda: self.fired_count >= count)
+
+    async def _notify(self) -> None:
+        if self._fired is not None:
+            async with self._fired:
+                self._fired.notify_all()
 
     def add(self, fault: Fault) -> None:
         self._rules.append(_Rule(fault, fault.times))
@@ -136,5 +151,8 @@ class FaultRules:
                 rule.remaining -= 1
                 if rule.remaining <= 0:
                     self._rules.remove(rule)
+                self.fired_count += 1
+                if self._fired is not None:
+                    asyncio.get_running_loop().create_task(self._notify())
                 return rule.fault
         return None

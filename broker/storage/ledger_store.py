@@ -192,7 +192,8 @@ async def usage_summary(
         int(total["completion_tokens"]),
         total["cost_usd"],
     )
-    by_model, by_agent = [], []
+    by_model: list[GroupTotals] = []
+    by_agent: list[GroupTotals] = []
     for row in groups:
         group = GroupTotals(row["name"], int(row["requests"]), int(row["tokens"]), row["cost_usd"])
         (by_agent if row["by_agent"] else by_model).append(group)
