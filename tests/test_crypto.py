@@ -61,7 +61,13 @@ def test_the_last_key_of_a_list_seals_and_older_keys_still_open() -> None:
         ("", "empty"),
         ("not-base64!!", "not valid base64"),
         (base64.b64encode(b"short").decode(), "32 bytes"),
-        ("a:" + base64.b64encode(os.urandom(32)).decode() + ",a:" + base64.b64encode(os.urandom(32)).decode(), "twice"),
+        (
+            "a:"
+            + base64.b64encode(os.urandom(32)).decode()
+            + ",a:"
+            + base64.b64encode(os.urandom(32)).decode(),
+            "twice",
+        ),
     ],
 )
 def test_a_malformed_master_key_is_a_clear_error_without_key_material(spec: str, message: str) -> None:

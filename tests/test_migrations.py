@@ -13,8 +13,15 @@ from broker.migrations import FILE_NAME, SQL_DIR, Migration, MigrationError, dis
 from tests.conftest import url_for_database
 
 EXPECTED_TABLES = {
-    "tiers", "users", "api_keys", "usage_periods", "reservations", "usage_ledger",
-    "caller_tokens", "audit_log", "schema_migrations",
+    "tiers",
+    "users",
+    "api_keys",
+    "usage_periods",
+    "reservations",
+    "usage_ledger",
+    "caller_tokens",
+    "audit_log",
+    "schema_migrations",
 }
 
 
@@ -55,12 +62,21 @@ async def test_empty_database_is_built_by_the_migrations_and_tiers_are_seeded(em
     try:
         applied = await migrate(conn)
         assert applied == [f"{m.version:04d}_{m.name}" for m in discover()]
-        tables = {r["tablename"] for r in await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname='public'")}
+        tables = {
+            r["tablename"]
+            for r in await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname='public'")
+        }
         assert EXPECTED_TABLES <= tables
         tiers = dict(await conn.fetch("SELECT name, monthly_limit_usd FROM tiers"))
         assert {k: (None if v is None else str(v.normalize())) for k, v in tiers.items()} == {
-            "free": "1E+1", "standard": "5E+1", "micro": "1E+2", "operator": "2.5E+2",
-            "enterprise": "5E+2", "beta": "1E+3", "admin": None, "future4200": None,
+            "free": "1E+1",
+            "standard": "5E+1",
+            "micro": "1E+2",
+            "operator": "2.5E+2",
+            "enterprise": "5E+2",
+            "beta": "1E+3",
+            "admin": None,
+            "future4200": None,
         }
         assert await migrate(conn) == [], "a second run applies nothing"
         recorded = await conn.fetchval("SELECT count(*) FROM schema_migrations")

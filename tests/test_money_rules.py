@@ -18,8 +18,14 @@ from tests.helpers import assert_rpc_error, detail_of
 
 def usage(user: str, request_id: str, cost: str, **extra: object) -> pb.RecordUsageRequest:
     return pb.RecordUsageRequest(
-        user_id=user, request_id=request_id, cost_usd=cost, model=str(extra.pop("model", "openai/gpt-4o")),
-        agent=str(extra.pop("agent", "planner")), prompt_tokens=10, completion_tokens=5, **extra,
+        user_id=user,
+        request_id=request_id,
+        cost_usd=cost,
+        model=str(extra.pop("model", "openai/gpt-4o")),
+        agent=str(extra.pop("agent", "planner")),
+        prompt_tokens=10,
+        completion_tokens=5,
+        **extra,
     )
 
 
@@ -27,8 +33,12 @@ async def test_200_concurrent_usage_records_sum_exactly_and_retries_count_nothin
     await broker.provision("alice", tier="beta")
     costs = [Decimal("0.000123") * (i % 7 + 1) + Decimal("0.0000000001") * i for i in range(200)]
     replies = await asyncio.gather(
-        *(broker.agent.RecordUsage(usage("alice", f"gen-{i}", str(c)), metadata=broker.as_agent(), timeout=30)
-          for i, c in enumerate(costs))
+        *(
+            broker.agent.RecordUsage(
+                usage("alice", f"gen-{i}", str(c)), metadata=broker.as_agent(), timeout=30
+            )
+            for i, c in enumerate(costs)
+        )
     )
     assert not any(r.duplicate for r in replies)
     expected = sum(costs, Decimal(0))
@@ -36,25 +46,38 @@ async def test_200_concurrent_usage_records_sum_exactly_and_retries_count_nothin
     firsts = {f"gen-{i}": r for i, r in enumerate(replies)}
 
     retries = await asyncio.gather(
-        *(broker.agent.RecordUsage(usage("alice", f"gen-{i}", str(costs[i])), metadata=broker.as_agent(), timeout=30)
-          for i in range(50))
+        *(
+            broker.agent.RecordUsage(
+                usage("alice", f"gen-{i}", str(costs[i])), metadata=broker.as_agent(), timeout=30
+            )
+            for i in range(50)
+        )
     )
     assert all(r.duplicate for r in retries)
     for i, retry in enumerate(retries):
         assert retry.spent_usd == firsts[f"gen-{i}"].spent_usd, "a retry returns the first answer"
-    summary = await broker.admin.GetUsageSummary(pb.GetUsageSummaryRequest(user_id="alice"), metadata=broker.as_admin())
+    summary = await broker.admin.GetUsageSummary(
+        pb.GetUsageSummaryRequest(user_id="alice"), metadata=broker.as_admin()
+    )
     assert summary.total_requests == 200
     assert Decimal(summary.total_cost_usd) == expected
     key = await broker.agent.GetKey(pb.GetKeyRequest(user_id="alice"), metadata=broker.as_agent())
     assert Decimal(key.spent_usd) == expected
 
 
-async def test_100_concurrent_reservations_of_a_tenth_against_one_dollar_allow_exactly_ten(broker: Broker) -> None:
+async def test_100_concurrent_reservations_of_a_tenth_against_one_dollar_allow_exactly_ten(
+    broker: Broker,
+) -> None:
     await broker.provision("bob", limit="1.00")
     replies = await asyncio.gather(
-        *(broker.agent.CheckLimit(pb.CheckLimitRequest(user_id="bob", estimated_cost_usd="0.1"),
-                                  metadata=broker.as_agent(), timeout=30)
-          for _ in range(100))
+        *(
+            broker.agent.CheckLimit(
+                pb.CheckLimitRequest(user_id="bob", estimated_cost_usd="0.1"),
+                metadata=broker.as_agent(),
+                timeout=30,
+            )
+            for _ in range(100)
+        )
     )
     allowed = [r for r in replies if r.allowed]
     assert len(allowed) == 10
@@ -68,11 +91,13 @@ async def test_100_concurrent_reservations_of_a_tenth_against_one_dollar_allow_e
 async def test_a_settled_reservation_leaves_actual_spend_and_frees_the_rest(broker: Broker) -> None:
     await broker.provision("carol", limit="5")
     check = await broker.agent.CheckLimit(
-        pb.CheckLimitRequest(user_id="carol", estimated_cost_usd="0.50", request_id="chk-1"), metadata=broker.as_agent()
+        pb.CheckLimitRequest(user_id="carol", estimated_cost_usd="0.50", request_id="chk-1"),
+        metadata=broker.as_agent(),
     )
     assert check.allowed and Decimal(check.reserved_usd) == Decimal("0.5")
     again = await broker.agent.CheckLimit(
-        pb.CheckLimitRequest(user_id="carol", estimated_cost_usd="0.50", request_id="chk-1"), metadata=broker.as_agent()
+        pb.CheckLimitRequest(user_id="carol", estimated_cost_usd="0.50", request_id="chk-1"),
+        metadata=broker.as_agent(),
     )
     assert again.reservation_id == check.reservation_id, "a retried CheckLimit reuses its reservation"
     assert Decimal(again.reserved_usd) == Decimal("0.5")
@@ -91,11 +116,13 @@ async def test_a_released_reservation_stops_counting_at_once(broker: Broker) -> 
         pb.CheckLimitRequest(user_id="rel", estimated_cost_usd="0.7"), metadata=broker.as_agent()
     )
     released = await broker.agent.ReleaseReservation(
-        pb.ReleaseReservationRequest(user_id="rel", reservation_id=check.reservation_id), metadata=broker.as_agent()
+        pb.ReleaseReservationRequest(user_id="rel", reservation_id=check.reservation_id),
+        metadata=broker.as_agent(),
     )
     assert released.released and Decimal(released.reserved_usd) == 0
     twice = await broker.agent.ReleaseReservation(
-        pb.ReleaseReservationRequest(user_id="rel", reservation_id=check.reservation_id), metadata=broker.as_agent()
+        pb.ReleaseReservationRequest(user_id="rel", reservation_id=check.reservation_id),
+        metadata=broker.as_agent(),
     )
     assert not twice.released
 
@@ -145,7 +172,9 @@ async def test_usage_in_a_new_month_starts_from_zero(broker: Broker, clock: Test
 async def test_get_key_is_refused_once_spent_reaches_the_limit_with_the_amounts(broker: Broker) -> None:
     await broker.provision("frank", limit="1.5")
     reply = await broker.agent.RecordUsage(usage("frank", "g1", "1.6"), metadata=broker.as_agent())
-    assert reply.over_limit and Decimal(reply.remaining_usd) == Decimal("-0.1"), "recorded even past the limit"
+    assert reply.over_limit and Decimal(reply.remaining_usd) == Decimal("-0.1"), (
+        "recorded even past the limit"
+    )
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         await broker.agent.GetKey(pb.GetKeyRequest(user_id="frank"), metadata=broker.as_agent())
     info = assert_rpc_error(refused.value, grpc.StatusCode.RESOURCE_EXHAUSTED, "MONTHLY_LIMIT_EXCEEDED")
