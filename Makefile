@@ -31,8 +31,8 @@ test: $(STAMP) ## run every test (real PostgreSQL, real gRPC server, sandbox ove
 check: $(STAMP) lint typecheck proto-check buf-lint ## lint, types, stale generated code, buf lint
 
 lint: $(STAMP)
-	$(BIN)/ruff check broker clients tests bench
-	$(BIN)/ruff format --check broker clients tests bench
+	$(BIN)/ruff check broker clients tests
+	$(BIN)/ruff format --check broker clients tests
 
 typecheck: $(STAMP)
 	$(BIN)/mypy broker clients/python/keybroker_client
