@@ -171,6 +171,7 @@ async def insert_user_with_key(
             return False
         await _insert_key(conn, key, "active")
         await insert_audit(conn, event, key.create_time)
+        await key_event(conn, key.user_id, "PROVISIONED", key.key_id, key.key_version)
     return True
 
 
@@ -197,6 +198,7 @@ async def reissue_key(
             return False
         await _insert_key(conn, key, "active")
         await insert_audit(conn, event, key.create_time)
+        await key_event(conn, key.user_id, "PROVISIONED", key.key_id, key.key_version)
     return True
 
 
@@ -231,6 +233,7 @@ async def rotate(
                 raise _Rollback
             await _insert_key(conn, key, "active")
             await insert_audit(conn, event, key.create_time)
+            await key_event(conn, key.user_id, "ROTATED", key.key_id, key.key_version)
     except _Rollback:
         return False
     return True
@@ -267,6 +270,7 @@ async def revoke(
             now,
         )
         await insert_audit(conn, event, now)
+        await key_event(conn, user_id, "REVOKED", row["key_id"], row["key_version"])
     return KeyRecord(**dict(row))
 
 
@@ -280,14 +284,21 @@ async def update_settings(
     clear_custom_limit: bool = False,
     disabled: bool | None = None,
 ) -> bool:
+    """Change a user's settings; the audit row and the key events go in the same transaction."""
     async with db.transaction() as conn:
-        updated = await conn.fetchval(
-            """UPDATE users SET
-                   tier = coalesce($2, tier),
-                   custom_limit_usd = CASE WHEN $4 THEN NULL ELSE coalesce($3, custom_limit_usd) END,
-                   disabled = coalesce($5, disabled),
+        row = await conn.fetchrow(
+            """UPDATE users u SET
+                   tier = coalesce($2, u.tier),
+                   custom_limit_usd = CASE WHEN $4 THEN NULL ELSE coalesce($3, u.custom_limit_usd) END,
+                   disabled = coalesce($5, u.disabled),
                    update_time = $6
-               WHERE user_id = $1 RETURNING true""",
+               FROM (SELECT tier, custom_limit_usd, disabled FROM users
+                     WHERE user_id = $1 FOR UPDATE) old
+               WHERE u.user_id = $1
+               RETURNING old.disabled AS was_disabled, u.disabled,
+                         (old.tier, old.custom_limit_usd) IS DISTINCT FROM (u.tier, u.custom_limit_usd)
+                             AS limit_changed,
+                         u.current_key_version""",
             user_id,
             tier,
             custom_limit,
@@ -295,9 +306,19 @@ async def update_settings(
             disabled,
             now,
         )
-        if not updated:
+        if row is None:
             return False
         await insert_audit(conn, event, now)
+        key_id = await conn.fetchval(
+            "SELECT key_id FROM api_keys WHERE user_id = $1 AND key_version = $2",
+            user_id,
+            row["current_key_version"],
+        )
+        kinds = ["LIMIT_CHANGED"] if row["limit_changed"] else []
+        if row["disabled"] != row["was_disabled"]:
+            kinds.append("DISABLED" if row["disabled"] else "ENABLED")
+        for kind in kinds:
+            await key_event(conn, user_id, kind, key_id, row["current_key_version"])
     return True
 
 
@@ -316,15 +337,18 @@ async def due_retirements(
     return [KeyRecord(**dict(row)) for row in rows]
 
 
-async def mark_retired(db: Database, key: KeyRecord, now: datetime) -> None:
+async def mark_retired(db: Database, key: KeyRecord, now: datetime) -> bool:
+    """Record a finished retirement once; False if another retirer recorded it first."""
     async with db.transaction() as conn:
-        await conn.execute(
+        marked = await conn.fetchval(
             """UPDATE api_keys SET retired_time = $3
-               WHERE user_id = $1 AND key_version = $2 AND retired_time IS NULL""",
+               WHERE user_id = $1 AND key_version = $2 AND retired_time IS NULL RETURNING true""",
             key.user_id,
             key.key_version,
             now,
         )
+        if not marked:
+            return False
         event = AuditEvent(
             key.user_id,
             "system",
@@ -332,19 +356,24 @@ async def mark_retired(db: Database, key: KeyRecord, now: datetime) -> None:
             {"key_id": key.key_id, "key_version": key.key_version, "deleted": key.retire_delete},
         )
         await insert_audit(conn, event, now)
+    return True
 
 
 async def insert_audit(conn: asyncpg.Connection, event: AuditEvent, now: datetime) -> None:
+    """Append to the user's tamper-evident audit chain (see kb_audit in sql/0003)."""
     await conn.execute(
-        """INSERT INTO audit_log (user_id, event_id, event_time, actor, action, details)
-           VALUES ($1, $2, $3, $4, $5, $6::jsonb)""",
+        "SELECT kb_audit($1, $2, $3, $4, $5::jsonb)",
         event.user_id,
-        uuid.uuid4(),
         now,
         event.actor,
         event.action,
         json.dumps(event.details, default=str),
     )
+
+
+async def key_event(conn: asyncpg.Connection, user_id: str, kind: str, key_id: str, key_version: int) -> None:
+    """Append to the key change log (WatchKeys); NOTIFY fires when the transaction commits."""
+    await conn.execute("SELECT kb_key_event($1, $2, $3, $4)", user_id, kind, key_id, key_version)
 
 
 async def _insert_key(conn: asyncpg.Connection, key: NewKey, status: str) -> None:

@@ -33,6 +33,122 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _KeyEventType:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _KeyEventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_KeyEventType.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    KEY_EVENT_TYPE_UNSPECIFIED: _KeyEventType.ValueType  # 0
+    """Not used."""
+    KEY_EVENT_TYPE_PROVISIONED: _KeyEventType.ValueType  # 1
+    """A key was provisioned (also after a revocation)."""
+    KEY_EVENT_TYPE_ROTATED: _KeyEventType.ValueType  # 2
+    """The key was rotated: key_id/key_version are the new key's."""
+    KEY_EVENT_TYPE_REVOKED: _KeyEventType.ValueType  # 3
+    """The key was revoked."""
+    KEY_EVENT_TYPE_DISABLED: _KeyEventType.ValueType  # 4
+    """The key was suspended."""
+    KEY_EVENT_TYPE_ENABLED: _KeyEventType.ValueType  # 5
+    """The key was resumed."""
+    KEY_EVENT_TYPE_LIMIT_CHANGED: _KeyEventType.ValueType  # 6
+    """The user's limit or tier changed."""
+
+class KeyEventType(_KeyEventType, metaclass=_KeyEventTypeEnumTypeWrapper):
+    """Kinds of key change."""
+
+KEY_EVENT_TYPE_UNSPECIFIED: KeyEventType.ValueType  # 0
+"""Not used."""
+KEY_EVENT_TYPE_PROVISIONED: KeyEventType.ValueType  # 1
+"""A key was provisioned (also after a revocation)."""
+KEY_EVENT_TYPE_ROTATED: KeyEventType.ValueType  # 2
+"""The key was rotated: key_id/key_version are the new key's."""
+KEY_EVENT_TYPE_REVOKED: KeyEventType.ValueType  # 3
+"""The key was revoked."""
+KEY_EVENT_TYPE_DISABLED: KeyEventType.ValueType  # 4
+"""The key was suspended."""
+KEY_EVENT_TYPE_ENABLED: KeyEventType.ValueType  # 5
+"""The key was resumed."""
+KEY_EVENT_TYPE_LIMIT_CHANGED: KeyEventType.ValueType  # 6
+"""The user's limit or tier changed."""
+Global___KeyEventType: _TypeAlias = KeyEventType  # noqa: Y015
+
+class _KeyReportOutcome:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _KeyReportOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_KeyReportOutcome.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    KEY_REPORT_OUTCOME_UNSPECIFIED: _KeyReportOutcome.ValueType  # 0
+    """Not used."""
+    KEY_REPORT_OUTCOME_ROTATED: _KeyReportOutcome.ValueType  # 1
+    """OpenRouter confirmed the key disabled or missing; it was replaced."""
+    KEY_REPORT_OUTCOME_KEY_VALID: _KeyReportOutcome.ValueType  # 2
+    """OpenRouter says the key is fine: treat the 401 as transient and retry later."""
+    KEY_REPORT_OUTCOME_STALE_KEY: _KeyReportOutcome.ValueType  # 3
+    """The reported key is not the user's current key: fetch the key again."""
+    KEY_REPORT_OUTCOME_RATE_LIMITED: _KeyReportOutcome.ValueType  # 4
+    """The user's key was checked moments ago; nothing was done."""
+
+class KeyReportOutcome(_KeyReportOutcome, metaclass=_KeyReportOutcomeEnumTypeWrapper):
+    """Conclusions of ReportKeyInvalid."""
+
+KEY_REPORT_OUTCOME_UNSPECIFIED: KeyReportOutcome.ValueType  # 0
+"""Not used."""
+KEY_REPORT_OUTCOME_ROTATED: KeyReportOutcome.ValueType  # 1
+"""OpenRouter confirmed the key disabled or missing; it was replaced."""
+KEY_REPORT_OUTCOME_KEY_VALID: KeyReportOutcome.ValueType  # 2
+"""OpenRouter says the key is fine: treat the 401 as transient and retry later."""
+KEY_REPORT_OUTCOME_STALE_KEY: KeyReportOutcome.ValueType  # 3
+"""The reported key is not the user's current key: fetch the key again."""
+KEY_REPORT_OUTCOME_RATE_LIMITED: KeyReportOutcome.ValueType  # 4
+"""The user's key was checked moments ago; nothing was done."""
+Global___KeyReportOutcome: _TypeAlias = KeyReportOutcome  # noqa: Y015
+
+class _ReconcileFindingKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ReconcileFindingKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ReconcileFindingKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    RECONCILE_FINDING_KIND_UNSPECIFIED: _ReconcileFindingKind.ValueType  # 0
+    """Not used."""
+    RECONCILE_FINDING_KIND_ORPHAN_KEY: _ReconcileFindingKind.ValueType  # 1
+    """A keybroker-named key at OpenRouter that the database does not know: disabled and deleted."""
+    RECONCILE_FINDING_KIND_MISSING_KEY: _ReconcileFindingKind.ValueType  # 2
+    """A user's active key is missing at OpenRouter: rotated."""
+    RECONCILE_FINDING_KIND_DISABLED_AT_PROVIDER: _ReconcileFindingKind.ValueType  # 3
+    """A user's active key is disabled at OpenRouter although the user is not suspended: rotated."""
+    RECONCILE_FINDING_KIND_LIMIT_MISMATCH: _ReconcileFindingKind.ValueType  # 4
+    """The provider key's limit differs from the broker's: PATCHed."""
+    RECONCILE_FINDING_KIND_SPEND_DRIFT: _ReconcileFindingKind.ValueType  # 5
+    """OpenRouter's monthly usage of the key differs from the usage recorded for it."""
+    RECONCILE_FINDING_KIND_UNRETIRED_KEY: _ReconcileFindingKind.ValueType  # 6
+    """A retired or revoked key still enabled at OpenRouter: disabled."""
+    RECONCILE_FINDING_KIND_STALE_INTENT: _ReconcileFindingKind.ValueType  # 7
+    """An unfinished key creation (a crashed provisioning or rotation): rolled back."""
+
+class ReconcileFindingKind(_ReconcileFindingKind, metaclass=_ReconcileFindingKindEnumTypeWrapper):
+    """Kinds of discrepancy found by Reconcile."""
+
+RECONCILE_FINDING_KIND_UNSPECIFIED: ReconcileFindingKind.ValueType  # 0
+"""Not used."""
+RECONCILE_FINDING_KIND_ORPHAN_KEY: ReconcileFindingKind.ValueType  # 1
+"""A keybroker-named key at OpenRouter that the database does not know: disabled and deleted."""
+RECONCILE_FINDING_KIND_MISSING_KEY: ReconcileFindingKind.ValueType  # 2
+"""A user's active key is missing at OpenRouter: rotated."""
+RECONCILE_FINDING_KIND_DISABLED_AT_PROVIDER: ReconcileFindingKind.ValueType  # 3
+"""A user's active key is disabled at OpenRouter although the user is not suspended: rotated."""
+RECONCILE_FINDING_KIND_LIMIT_MISMATCH: ReconcileFindingKind.ValueType  # 4
+"""The provider key's limit differs from the broker's: PATCHed."""
+RECONCILE_FINDING_KIND_SPEND_DRIFT: ReconcileFindingKind.ValueType  # 5
+"""OpenRouter's monthly usage of the key differs from the usage recorded for it."""
+RECONCILE_FINDING_KIND_UNRETIRED_KEY: ReconcileFindingKind.ValueType  # 6
+"""A retired or revoked key still enabled at OpenRouter: disabled."""
+RECONCILE_FINDING_KIND_STALE_INTENT: ReconcileFindingKind.ValueType  # 7
+"""An unfinished key creation (a crashed provisioning or rotation): rolled back."""
+Global___ReconcileFindingKind: _TypeAlias = ReconcileFindingKind  # noqa: Y015
+
 class _KeyStatus:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -378,6 +494,160 @@ class ReleaseReservationResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReleaseReservationResponse: _TypeAlias = ReleaseReservationResponse  # noqa: Y015
+
+@_typing.final
+class WatchKeysRequest(_message.Message):
+    """Request of KeyBroker.WatchKeys."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_IDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def user_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Only events of these users (each 1-128 characters of [A-Za-z0-9._:@-]); empty means all.
+        At most 1000 ids.
+        """
+
+    def __init__(
+        self,
+        *,
+        user_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["user_ids", b"user_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchKeysRequest: _TypeAlias = WatchKeysRequest  # noqa: Y015
+
+@_typing.final
+class WatchKeysResponse(_message.Message):
+    """One message of the KeyBroker.WatchKeys stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def event(self) -> Global___KeyEvent:
+        """The change."""
+
+    def __init__(
+        self,
+        *,
+        event: Global___KeyEvent | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchKeysResponse: _TypeAlias = WatchKeysResponse  # noqa: Y015
+
+@_typing.final
+class KeyEvent(_message.Message):
+    """A change of a user's key."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TYPE_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    KEY_VERSION_FIELD_NUMBER: _builtins.int
+    EVENT_TIME_FIELD_NUMBER: _builtins.int
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    type: Global___KeyEventType.ValueType
+    """What happened."""
+    user_id: _builtins.str
+    """The end user."""
+    key_id: _builtins.str
+    """OpenRouter hash of the key concerned (the new key for ROTATED)."""
+    key_version: _builtins.int
+    """Version of that key."""
+    event_id: _builtins.str
+    """Unique id of the event (a UUID); an event can be delivered more than once."""
+    @_builtins.property
+    def event_time(self) -> _timestamp_pb2.Timestamp:
+        """When the change was committed."""
+
+    def __init__(
+        self,
+        *,
+        type: Global___KeyEventType.ValueType = ...,
+        user_id: _builtins.str = ...,
+        key_id: _builtins.str = ...,
+        key_version: _builtins.int = ...,
+        event_time: _timestamp_pb2.Timestamp | None = ...,
+        event_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event_time", b"event_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_id", b"event_id", "event_time", b"event_time", "key_id", b"key_id", "key_version", b"key_version", "type", b"type", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___KeyEvent: _TypeAlias = KeyEvent  # noqa: Y015
+
+@_typing.final
+class ReportKeyInvalidRequest(_message.Message):
+    """Request of KeyBroker.ReportKeyInvalid."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    HTTP_STATUS_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.str
+    """The end user. Required; 1-128 characters of [A-Za-z0-9._:@-]."""
+    key_id: _builtins.str
+    """OpenRouter hash of the key that was refused (GetKeyResponse.key_id). Required, 1-128 chars."""
+    http_status: _builtins.int
+    """The HTTP status OpenRouter answered (normally 401), 100-599."""
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.str = ...,
+        key_id: _builtins.str = ...,
+        http_status: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["http_status", b"http_status", "key_id", b"key_id", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportKeyInvalidRequest: _TypeAlias = ReportKeyInvalidRequest  # noqa: Y015
+
+@_typing.final
+class ReportKeyInvalidResponse(_message.Message):
+    """Response of KeyBroker.ReportKeyInvalid."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    KEY_VERSION_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    outcome: Global___KeyReportOutcome.ValueType
+    """What the broker concluded."""
+    key_version: _builtins.int
+    """The user's current key version after the report (fetch the key again if it changed)."""
+    key_id: _builtins.str
+    """OpenRouter hash of the user's current key."""
+    def __init__(
+        self,
+        *,
+        outcome: Global___KeyReportOutcome.ValueType = ...,
+        key_version: _builtins.int = ...,
+        key_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id", "key_version", b"key_version", "outcome", b"outcome"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportKeyInvalidResponse: _TypeAlias = ReportKeyInvalidResponse  # noqa: Y015
 
 @_typing.final
 class RotateKeyRequest(_message.Message):
@@ -809,6 +1079,110 @@ class GetUsageSummaryResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetUsageSummaryResponse: _TypeAlias = GetUsageSummaryResponse  # noqa: Y015
+
+@_typing.final
+class ReconcileRequest(_message.Message):
+    """Request of KeyBrokerAdmin.Reconcile."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DRY_RUN_FIELD_NUMBER: _builtins.int
+    dry_run: _builtins.bool
+    """Only report; change nothing at OpenRouter or in the database."""
+    def __init__(
+        self,
+        *,
+        dry_run: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dry_run", b"dry_run"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReconcileRequest: _TypeAlias = ReconcileRequest  # noqa: Y015
+
+@_typing.final
+class ReconcileResponse(_message.Message):
+    """Response of KeyBrokerAdmin.Reconcile."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROVIDER_KEYS_FIELD_NUMBER: _builtins.int
+    DATABASE_KEYS_FIELD_NUMBER: _builtins.int
+    FINDINGS_FIELD_NUMBER: _builtins.int
+    DRY_RUN_FIELD_NUMBER: _builtins.int
+    provider_keys: _builtins.int
+    """Keys seen at OpenRouter (all pages, disabled included)."""
+    database_keys: _builtins.int
+    """Keys in the database that were compared."""
+    dry_run: _builtins.bool
+    """Echo of the request's dry_run."""
+    @_builtins.property
+    def findings(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReconcileFinding]:
+        """Everything found, and whether it was fixed."""
+
+    def __init__(
+        self,
+        *,
+        provider_keys: _builtins.int = ...,
+        database_keys: _builtins.int = ...,
+        findings: _abc.Iterable[Global___ReconcileFinding] | None = ...,
+        dry_run: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["database_keys", b"database_keys", "dry_run", b"dry_run", "findings", b"findings", "provider_keys", b"provider_keys"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReconcileResponse: _TypeAlias = ReconcileResponse  # noqa: Y015
+
+@_typing.final
+class ReconcileFinding(_message.Message):
+    """One discrepancy found by Reconcile."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    PROVIDER_USD_FIELD_NUMBER: _builtins.int
+    BROKER_USD_FIELD_NUMBER: _builtins.int
+    FIXED_FIELD_NUMBER: _builtins.int
+    kind: Global___ReconcileFindingKind.ValueType
+    """What kind of discrepancy."""
+    user_id: _builtins.str
+    """The user concerned ("" for an orphan key that names no known user)."""
+    key_id: _builtins.str
+    """OpenRouter hash of the key concerned."""
+    detail: _builtins.str
+    """A short English description."""
+    provider_usd: _builtins.str
+    """For SPEND_DRIFT and LIMIT_MISMATCH: OpenRouter's figure, USD."""
+    broker_usd: _builtins.str
+    """For SPEND_DRIFT and LIMIT_MISMATCH: the broker's figure, USD."""
+    fixed: _builtins.bool
+    """True when the discrepancy was repaired by this run."""
+    def __init__(
+        self,
+        *,
+        kind: Global___ReconcileFindingKind.ValueType = ...,
+        user_id: _builtins.str = ...,
+        key_id: _builtins.str = ...,
+        detail: _builtins.str = ...,
+        provider_usd: _builtins.str = ...,
+        broker_usd: _builtins.str = ...,
+        fixed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["broker_usd", b"broker_usd", "detail", b"detail", "fixed", b"fixed", "key_id", b"key_id", "kind", b"kind", "provider_usd", b"provider_usd", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReconcileFinding: _TypeAlias = ReconcileFinding  # noqa: Y015
 
 @_typing.final
 class ModelUsage(_message.Message):

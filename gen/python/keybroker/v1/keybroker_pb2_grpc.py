@@ -60,6 +60,16 @@ class KeyBrokerStub:
                 request_serializer=keybroker_dot_v1_dot_keybroker__pb2.RotateKeyRequest.SerializeToString,
                 response_deserializer=keybroker_dot_v1_dot_keybroker__pb2.RotateKeyResponse.FromString,
                 _registered_method=True)
+        self.WatchKeys = channel.unary_stream(
+                '/keybroker.v1.KeyBroker/WatchKeys',
+                request_serializer=keybroker_dot_v1_dot_keybroker__pb2.WatchKeysRequest.SerializeToString,
+                response_deserializer=keybroker_dot_v1_dot_keybroker__pb2.WatchKeysResponse.FromString,
+                _registered_method=True)
+        self.ReportKeyInvalid = channel.unary_unary(
+                '/keybroker.v1.KeyBroker/ReportKeyInvalid',
+                request_serializer=keybroker_dot_v1_dot_keybroker__pb2.ReportKeyInvalidRequest.SerializeToString,
+                response_deserializer=keybroker_dot_v1_dot_keybroker__pb2.ReportKeyInvalidResponse.FromString,
+                _registered_method=True)
 
 
 class KeyBrokerServicer:
@@ -120,6 +130,27 @@ class KeyBrokerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchKeys(self, request, context):
+        """Streams key changes (rotations, revocations, suspensions, limit changes) as they happen on
+        any replica, within about a second. Clients drop cached keys on an event. The stream first
+        sends nothing; it runs until the caller cancels it or the server drains.
+        Errors: INVALID_ARGUMENT (INVALID_ARGUMENT for a malformed user id in the filter).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReportKeyInvalid(self, request, context):
+        """An agent got 401 from OpenRouter with this key. The broker asks OpenRouter about the key;
+        only when OpenRouter confirms it disabled or missing is the key rotated (one transient 401
+        is not enough). Checks are rate-limited per user.
+        Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), NOT_FOUND (NO_API_KEY), FAILED_PRECONDITION
+        (KEY_DISABLED), UNAVAILABLE (PROVIDER_UNAVAILABLE).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KeyBrokerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -147,6 +178,16 @@ def add_KeyBrokerServicer_to_server(servicer, server):
                     servicer.RotateKey,
                     request_deserializer=keybroker_dot_v1_dot_keybroker__pb2.RotateKeyRequest.FromString,
                     response_serializer=keybroker_dot_v1_dot_keybroker__pb2.RotateKeyResponse.SerializeToString,
+            ),
+            'WatchKeys': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchKeys,
+                    request_deserializer=keybroker_dot_v1_dot_keybroker__pb2.WatchKeysRequest.FromString,
+                    response_serializer=keybroker_dot_v1_dot_keybroker__pb2.WatchKeysResponse.SerializeToString,
+            ),
+            'ReportKeyInvalid': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportKeyInvalid,
+                    request_deserializer=keybroker_dot_v1_dot_keybroker__pb2.ReportKeyInvalidRequest.FromString,
+                    response_serializer=keybroker_dot_v1_dot_keybroker__pb2.ReportKeyInvalidResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -295,6 +336,60 @@ class KeyBroker:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def WatchKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/keybroker.v1.KeyBroker/WatchKeys',
+            keybroker_dot_v1_dot_keybroker__pb2.WatchKeysRequest.SerializeToString,
+            keybroker_dot_v1_dot_keybroker__pb2.WatchKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportKeyInvalid(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keybroker.v1.KeyBroker/ReportKeyInvalid',
+            keybroker_dot_v1_dot_keybroker__pb2.ReportKeyInvalidRequest.SerializeToString,
+            keybroker_dot_v1_dot_keybroker__pb2.ReportKeyInvalidResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class KeyBrokerAdminStub:
     """Operators and the platform's back office (token scope "admin").
@@ -335,6 +430,11 @@ class KeyBrokerAdminStub:
                 '/keybroker.v1.KeyBrokerAdmin/GetUsageSummary',
                 request_serializer=keybroker_dot_v1_dot_keybroker__pb2.GetUsageSummaryRequest.SerializeToString,
                 response_deserializer=keybroker_dot_v1_dot_keybroker__pb2.GetUsageSummaryResponse.FromString,
+                _registered_method=True)
+        self.Reconcile = channel.unary_unary(
+                '/keybroker.v1.KeyBrokerAdmin/Reconcile',
+                request_serializer=keybroker_dot_v1_dot_keybroker__pb2.ReconcileRequest.SerializeToString,
+                response_deserializer=keybroker_dot_v1_dot_keybroker__pb2.ReconcileResponse.FromString,
                 _registered_method=True)
 
 
@@ -392,6 +492,17 @@ class KeyBrokerAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Reconcile(self, request, context):
+        """Compares every OpenRouter key (all pages, disabled included) with the database and repairs
+        what it finds unless dry_run: orphan keys disabled and deleted, keys missing or disabled at
+        OpenRouter rotated, provider limits re-synced, unfinished intents rolled back, overdue
+        retirements done; spend drift above the tolerance is reported.
+        Errors: UNAVAILABLE (PROVIDER_UNAVAILABLE).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KeyBrokerAdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -424,6 +535,11 @@ def add_KeyBrokerAdminServicer_to_server(servicer, server):
                     servicer.GetUsageSummary,
                     request_deserializer=keybroker_dot_v1_dot_keybroker__pb2.GetUsageSummaryRequest.FromString,
                     response_serializer=keybroker_dot_v1_dot_keybroker__pb2.GetUsageSummaryResponse.SerializeToString,
+            ),
+            'Reconcile': grpc.unary_unary_rpc_method_handler(
+                    servicer.Reconcile,
+                    request_deserializer=keybroker_dot_v1_dot_keybroker__pb2.ReconcileRequest.FromString,
+                    response_serializer=keybroker_dot_v1_dot_keybroker__pb2.ReconcileResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -589,6 +705,33 @@ class KeyBrokerAdmin:
             '/keybroker.v1.KeyBrokerAdmin/GetUsageSummary',
             keybroker_dot_v1_dot_keybroker__pb2.GetUsageSummaryRequest.SerializeToString,
             keybroker_dot_v1_dot_keybroker__pb2.GetUsageSummaryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Reconcile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keybroker.v1.KeyBrokerAdmin/Reconcile',
+            keybroker_dot_v1_dot_keybroker__pb2.ReconcileRequest.SerializeToString,
+            keybroker_dot_v1_dot_keybroker__pb2.ReconcileResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -79,6 +79,19 @@ class KeyBrokerStub:
     (KEY_DISABLED), ABORTED (CONCURRENT_ROTATION), UNAVAILABLE (PROVIDER_UNAVAILABLE),
     FAILED_PRECONDITION (PROVIDER_REJECTED: OpenRouter refused the management key or the request).
     """
+    WatchKeys: _grpc.UnaryStreamMultiCallable[_keybroker_pb2.WatchKeysRequest, _keybroker_pb2.WatchKeysResponse]
+    """Streams key changes (rotations, revocations, suspensions, limit changes) as they happen on
+    any replica, within about a second. Clients drop cached keys on an event. The stream first
+    sends nothing; it runs until the caller cancels it or the server drains.
+    Errors: INVALID_ARGUMENT (INVALID_ARGUMENT for a malformed user id in the filter).
+    """
+    ReportKeyInvalid: _grpc.UnaryUnaryMultiCallable[_keybroker_pb2.ReportKeyInvalidRequest, _keybroker_pb2.ReportKeyInvalidResponse]
+    """An agent got 401 from OpenRouter with this key. The broker asks OpenRouter about the key;
+    only when OpenRouter confirms it disabled or missing is the key rotated (one transient 401
+    is not enough). Checks are rate-limited per user.
+    Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), NOT_FOUND (NO_API_KEY), FAILED_PRECONDITION
+    (KEY_DISABLED), UNAVAILABLE (PROVIDER_UNAVAILABLE).
+    """
 
 @_typing.type_check_only
 class KeyBrokerAsyncStub(KeyBrokerStub):
@@ -118,6 +131,19 @@ class KeyBrokerAsyncStub(KeyBrokerStub):
     Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), NOT_FOUND (NO_API_KEY), FAILED_PRECONDITION
     (KEY_DISABLED), ABORTED (CONCURRENT_ROTATION), UNAVAILABLE (PROVIDER_UNAVAILABLE),
     FAILED_PRECONDITION (PROVIDER_REJECTED: OpenRouter refused the management key or the request).
+    """
+    WatchKeys: _aio.UnaryStreamMultiCallable[_keybroker_pb2.WatchKeysRequest, _keybroker_pb2.WatchKeysResponse]  # type: ignore[assignment]
+    """Streams key changes (rotations, revocations, suspensions, limit changes) as they happen on
+    any replica, within about a second. Clients drop cached keys on an event. The stream first
+    sends nothing; it runs until the caller cancels it or the server drains.
+    Errors: INVALID_ARGUMENT (INVALID_ARGUMENT for a malformed user id in the filter).
+    """
+    ReportKeyInvalid: _aio.UnaryUnaryMultiCallable[_keybroker_pb2.ReportKeyInvalidRequest, _keybroker_pb2.ReportKeyInvalidResponse]  # type: ignore[assignment]
+    """An agent got 401 from OpenRouter with this key. The broker asks OpenRouter about the key;
+    only when OpenRouter confirms it disabled or missing is the key rotated (one transient 401
+    is not enough). Checks are rate-limited per user.
+    Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), NOT_FOUND (NO_API_KEY), FAILED_PRECONDITION
+    (KEY_DISABLED), UNAVAILABLE (PROVIDER_UNAVAILABLE).
     """
 
 class KeyBrokerServicer(metaclass=_abc_1.ABCMeta):
@@ -187,6 +213,31 @@ class KeyBrokerServicer(metaclass=_abc_1.ABCMeta):
         FAILED_PRECONDITION (PROVIDER_REJECTED: OpenRouter refused the management key or the request).
         """
 
+    @_abc_1.abstractmethod
+    def WatchKeys(
+        self,
+        request: _keybroker_pb2.WatchKeysRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_keybroker_pb2.WatchKeysResponse], _abc.AsyncIterator[_keybroker_pb2.WatchKeysResponse]]:
+        """Streams key changes (rotations, revocations, suspensions, limit changes) as they happen on
+        any replica, within about a second. Clients drop cached keys on an event. The stream first
+        sends nothing; it runs until the caller cancels it or the server drains.
+        Errors: INVALID_ARGUMENT (INVALID_ARGUMENT for a malformed user id in the filter).
+        """
+
+    @_abc_1.abstractmethod
+    def ReportKeyInvalid(
+        self,
+        request: _keybroker_pb2.ReportKeyInvalidRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_keybroker_pb2.ReportKeyInvalidResponse, _abc.Awaitable[_keybroker_pb2.ReportKeyInvalidResponse]]:
+        """An agent got 401 from OpenRouter with this key. The broker asks OpenRouter about the key;
+        only when OpenRouter confirms it disabled or missing is the key rotated (one transient 401
+        is not enough). Checks are rate-limited per user.
+        Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), NOT_FOUND (NO_API_KEY), FAILED_PRECONDITION
+        (KEY_DISABLED), UNAVAILABLE (PROVIDER_UNAVAILABLE).
+        """
+
 def add_KeyBrokerServicer_to_server(servicer: KeyBrokerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
 class KeyBrokerAdminStub:
@@ -222,6 +273,13 @@ class KeyBrokerAdminStub:
     """Totals and breakdowns of one user's recorded usage in one calendar month (UTC).
     Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), NOT_FOUND (NO_API_KEY).
     """
+    Reconcile: _grpc.UnaryUnaryMultiCallable[_keybroker_pb2.ReconcileRequest, _keybroker_pb2.ReconcileResponse]
+    """Compares every OpenRouter key (all pages, disabled included) with the database and repairs
+    what it finds unless dry_run: orphan keys disabled and deleted, keys missing or disabled at
+    OpenRouter rotated, provider limits re-synced, unfinished intents rolled back, overdue
+    retirements done; spend drift above the tolerance is reported.
+    Errors: UNAVAILABLE (PROVIDER_UNAVAILABLE).
+    """
 
 @_typing.type_check_only
 class KeyBrokerAdminAsyncStub(KeyBrokerAdminStub):
@@ -253,6 +311,13 @@ class KeyBrokerAdminAsyncStub(KeyBrokerAdminStub):
     GetUsageSummary: _aio.UnaryUnaryMultiCallable[_keybroker_pb2.GetUsageSummaryRequest, _keybroker_pb2.GetUsageSummaryResponse]  # type: ignore[assignment]
     """Totals and breakdowns of one user's recorded usage in one calendar month (UTC).
     Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), NOT_FOUND (NO_API_KEY).
+    """
+    Reconcile: _aio.UnaryUnaryMultiCallable[_keybroker_pb2.ReconcileRequest, _keybroker_pb2.ReconcileResponse]  # type: ignore[assignment]
+    """Compares every OpenRouter key (all pages, disabled included) with the database and repairs
+    what it finds unless dry_run: orphan keys disabled and deleted, keys missing or disabled at
+    OpenRouter rotated, provider limits re-synced, unfinished intents rolled back, overdue
+    retirements done; spend drift above the tolerance is reported.
+    Errors: UNAVAILABLE (PROVIDER_UNAVAILABLE).
     """
 
 class KeyBrokerAdminServicer(metaclass=_abc_1.ABCMeta):
@@ -318,6 +383,19 @@ class KeyBrokerAdminServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_keybroker_pb2.GetUsageSummaryResponse, _abc.Awaitable[_keybroker_pb2.GetUsageSummaryResponse]]:
         """Totals and breakdowns of one user's recorded usage in one calendar month (UTC).
         Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), NOT_FOUND (NO_API_KEY).
+        """
+
+    @_abc_1.abstractmethod
+    def Reconcile(
+        self,
+        request: _keybroker_pb2.ReconcileRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_keybroker_pb2.ReconcileResponse, _abc.Awaitable[_keybroker_pb2.ReconcileResponse]]:
+        """Compares every OpenRouter key (all pages, disabled included) with the database and repairs
+        what it finds unless dry_run: orphan keys disabled and deleted, keys missing or disabled at
+        OpenRouter rotated, provider limits re-synced, unfinished intents rolled back, overdue
+        retirements done; spend drift above the tolerance is reported.
+        Errors: UNAVAILABLE (PROVIDER_UNAVAILABLE).
         """
 
 def add_KeyBrokerAdminServicer_to_server(servicer: KeyBrokerAdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
