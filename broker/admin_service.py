@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import grpc
 from keybroker.v1 import keybroker_pb2 as pb
 from keybroker.v1 import keybroker_pb2_grpc as pb_grpc
@@ -13,16 +15,20 @@ from broker.errors import InvalidArgument
 from broker.keys import KeyService
 from broker.ledger import Ledger
 from broker.money import format_usd
+from broker.reconcile import Reconciler
+from broker.scheduled_rotation import rotate_older_than
 from broker.service import caller_name
 
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
+MAX_KEY_AGE = timedelta(days=3650)
 
 
 class KeyBrokerAdminService(pb_grpc.KeyBrokerAdminServicer):
-    def __init__(self, keys: KeyService, ledger: Ledger) -> None:
+    def __init__(self, keys: KeyService, ledger: Ledger, reconciler: Reconciler) -> None:
         self.keys = keys
         self.ledger = ledger
+        self.reconciler = reconciler
 
     async def ProvisionKey(
         self, request: pb.ProvisionKeyRequest, context: grpc.aio.ServicerContext
@@ -101,4 +107,39 @@ class KeyBrokerAdminService(pb_grpc.KeyBrokerAdminServicer):
                 for g in summary.by_agent
             ],
             month=month_label(summary.month),
+        )
+
+    async def Reconcile(
+        self, request: pb.ReconcileRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ReconcileResponse:
+        report = await self.reconciler.run(dry_run=request.dry_run)
+        return pb.ReconcileResponse(
+            provider_keys=report.provider_keys,
+            database_keys=report.database_keys,
+            dry_run=report.dry_run,
+            findings=[
+                pb.ReconcileFinding(
+                    kind=pb.ReconcileFindingKind.Value(f"RECONCILE_FINDING_KIND_{f.kind}"),
+                    user_id=f.user_id,
+                    key_id=f.key_id,
+                    detail=f.detail,
+                    provider_usd=format_usd(f.provider_usd),
+                    broker_usd=format_usd(f.broker_usd),
+                    fixed=f.fixed,
+                )
+                for f in report.findings
+            ],
+        )
+
+    async def RotateKeys(
+        self, request: pb.RotateKeysRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RotateKeysResponse:
+        older_than = check.duration(request.older_than, "older_than", MAX_KEY_AGE)
+        grace = check.duration(request.grace_period, "grace_period", check.MAX_GRACE)
+        run = await rotate_older_than(
+            self.keys, older_than, grace, request.delete_old, caller_name(), request.dry_run
+        )
+        return pb.RotateKeysResponse(
+            rotated_user_ids=run.rotated,
+            failures=[pb.RotateKeysFailure(user_id=u, reason=r) for u, r in run.failed],
         )

@@ -70,7 +70,7 @@ class TokenAuthority:
     async def create(self, name: str, scope: str, actor: str) -> IssuedToken:
         if scope not in SCOPES:
             raise InvalidArgument("scope", "must be agent or admin")
-        if not re.match(r"^[A-Za-z0-9._:@-]{1,64}$", name):
+        if not re.fullmatch(r"[A-Za-z0-9._:@-]{1,64}", name):
             raise InvalidArgument("name", "must be 1-64 characters of A-Z a-z 0-9 . _ : @ -")
         issued = new_token()
         await tokens_store.insert_token(
@@ -87,7 +87,7 @@ class TokenAuthority:
         if not authorization:
             raise Unauthenticated("missing authorization metadata (Bearer token)")
         scheme, _, token = authorization.partition(" ")
-        match = TOKEN.match(token.strip()) if scheme.lower() == "bearer" else None
+        match = TOKEN.fullmatch(token.strip()) if scheme.lower() == "bearer" else None
         if match is None:
             raise Unauthenticated("malformed authorization metadata: use 'Bearer <token>'")
         row = await self._lookup(match.group(1))

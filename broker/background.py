@@ -1,50 +1,96 @@
-"""Periodic background work: retire provider keys whose grace ended, release expired
-reservations. Each run is independent and idempotent, so a failure only delays the next run."""
+"""Periodic background work, each task led by exactly one replica at a time (a lease row).
+
+Tasks: retire provider keys whose grace ended, release expired reservations, roll back dead key
+creations, reconcile with OpenRouter, and scheduled rotation. Every run is idempotent, so a failed
+run only delays the next one, and a new leader simply carries on.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import timedelta
 
+from broker.config import Settings
 from broker.errors import KeybrokerError
 from broker.keys import KeyService
+from broker.leases import Leases
 from broker.ledger import Ledger
+from broker.reconcile import Reconciler
+from broker.scheduled_rotation import rotate_older_than
 
 log = logging.getLogger("keybroker.background")
+MIN_LEASE = timedelta(seconds=5)
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    interval: timedelta
+    run: Callable[[], Awaitable[object]]
+
+
+def broker_tasks(settings: Settings, keys: KeyService, ledger: Ledger, reconciler: Reconciler) -> list[Task]:
+    every = settings.background_interval
+    tasks = [
+        Task("retire-keys", every, keys.retire_due),
+        Task("expire-reservations", every, ledger.release_expired),
+        Task("roll-back-intents", max(every, settings.intent_timeout / 4), keys.minter.roll_back_stale),
+    ]
+    if settings.reconcile_interval > timedelta(0):
+        tasks.append(Task("reconcile", settings.reconcile_interval, reconciler.run))
+    rotate_after = settings.rotate_after
+    if rotate_after is not None:
+
+        async def rotate_due() -> object:
+            return await rotate_older_than(
+                keys, rotate_after, settings.rotate_grace, False, "scheduled-rotation"
+            )
+
+        tasks.append(Task("rotate-due", max(every, timedelta(seconds=30)), rotate_due))
+    return tasks
 
 
 class BackgroundTasks:
-    def __init__(self, keys: KeyService, ledger: Ledger, interval: timedelta) -> None:
-        self.keys = keys
-        self.ledger = ledger
-        self.interval = interval.total_seconds()
-        self._task: asyncio.Task[None] | None = None
-        self.runs = 0
+    def __init__(self, tasks: list[Task], leases: Leases) -> None:
+        self.tasks = tasks
+        self.leases = leases
+        self.runs: Counter[str] = Counter()
+        self._running: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._loop(), name="keybroker-background")
+        for task in self.tasks:
+            self._running.append(asyncio.create_task(self._loop(task), name=f"keybroker-{task.name}"))
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        for running in self._running:
+            running.cancel()
+        for running in self._running:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                await running
+        self._running.clear()
+        for task in self.tasks:  # let another replica take over at once
+            with contextlib.suppress(KeybrokerError):
+                await self.leases.release(task.name)
 
-    async def run_once(self) -> None:
-        retired = await self.keys.retire_due()
-        swept = await self.ledger.release_expired()
-        if retired or swept:
-            log.info("background: retired %d keys, released expired reservations of %d users", retired, swept)
-        self.runs += 1
+    async def run_once(self, task: Task) -> bool:
+        """Run `task` if this replica holds (or can take) its lease; True if it ran."""
+        if not await self.leases.hold(task.name, max(task.interval * 3, MIN_LEASE)):
+            return False
+        await task.run()
+        self.runs[task.name] += 1
+        return True
 
-    async def _loop(self) -> None:
+    async def _loop(self, task: Task) -> None:
         while True:
             try:
-                await self.run_once()
+                await self.run_once(task)
             except KeybrokerError as exc:
-                log.warning("background run failed: %s (%s)", exc.message, exc.reason)
+                log.warning("background %s failed: %s (%s)", task.name, exc.message, exc.reason)
             except Exception:
-                log.exception("background run failed")
-            await asyncio.sleep(self.interval)
+                log.exception("background %s failed", task.name)
+            await asyncio.sleep(task.interval.total_seconds())

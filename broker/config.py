@@ -7,7 +7,10 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import timedelta
+from decimal import Decimal
 from pathlib import Path
+
+from broker.money import MoneyFormatError, parse_usd
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_OPENROUTER_BASE_URL = "https://openrouter.ai/api/v1"
@@ -42,9 +45,22 @@ class Settings:
     token_cache_seconds: float = 5.0
     # How often background tasks (key retirement, reservation expiry) look for work.
     background_interval: timedelta = timedelta(seconds=2)
+    # How often each replica reads the key change log for WatchKeys (NOTIFY only makes it sooner).
+    event_poll_interval: timedelta = timedelta(milliseconds=500)
     log_format: str = "text"
     log_level: str = "INFO"
     shutdown_grace: float = 10.0
+    # Key lifecycle (issue 3): an unfinished key creation older than this is rolled back.
+    intent_timeout: timedelta = timedelta(seconds=30)
+    # Periodic reconciliation with OpenRouter; zero turns it off.
+    reconcile_interval: timedelta = timedelta(minutes=10)
+    # Spend drift (OpenRouter vs recorded) that the reconciler reports.
+    drift_tolerance_usd: Decimal = Decimal("0.01")
+    # Scheduled rotation of keys older than this (None: off), each with rotate_grace.
+    rotate_after: timedelta | None = None
+    rotate_grace: timedelta = timedelta(hours=1)
+    # ReportKeyInvalid checks a user's key at OpenRouter at most once per this interval.
+    invalid_report_interval: timedelta = timedelta(seconds=60)
     # Caller token the command line uses for gRPC commands (KEYBROKER_TOKEN).
     cli_token: str | None = None
 
@@ -102,12 +118,23 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
             env, "KEYBROKER_TOKEN_CACHE_SECONDS", defaults.token_cache_seconds, minimum=0.0
         ),
         background_interval=_duration(env, "KEYBROKER_BACKGROUND_INTERVAL", defaults.background_interval),
+        event_poll_interval=_positive_duration(
+            env, "KEYBROKER_EVENT_POLL_INTERVAL", defaults.event_poll_interval
+        ),
         log_format=_choice(env, "KEYBROKER_LOG_FORMAT", ("text", "json"), defaults.log_format),
         log_level=_choice(
             env, "KEYBROKER_LOG_LEVEL", ("DEBUG", "INFO", "WARNING", "ERROR"), defaults.log_level
         ),
         shutdown_grace=_float(env, "KEYBROKER_SHUTDOWN_GRACE", defaults.shutdown_grace),
         cli_token=get("KEYBROKER_TOKEN"),
+        intent_timeout=_positive_duration(env, "KEYBROKER_INTENT_TIMEOUT", defaults.intent_timeout),
+        reconcile_interval=_duration(env, "KEYBROKER_RECONCILE_INTERVAL", defaults.reconcile_interval),
+        drift_tolerance_usd=_usd(env, "KEYBROKER_DRIFT_TOLERANCE_USD", defaults.drift_tolerance_usd),
+        rotate_after=_duration(env, "KEYBROKER_ROTATE_AFTER", timedelta(0)) or None,
+        rotate_grace=_duration(env, "KEYBROKER_ROTATE_GRACE", defaults.rotate_grace),
+        invalid_report_interval=_duration(
+            env, "KEYBROKER_INVALID_REPORT_INTERVAL", defaults.invalid_report_interval
+        ),
     )
 
 
@@ -117,7 +144,7 @@ _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 def parse_duration(text: str) -> timedelta:
     """'15m', '30s', '2h', '30d', '250ms', or plain seconds."""
-    match = _DURATION.match(text.strip())
+    match = _DURATION.fullmatch(text.strip())
     if not match:
         raise ValueError(f"not a duration: {text!r} (use e.g. 30s, 15m, 2h, 30d)")
     number, unit = match.groups()
@@ -131,6 +158,23 @@ def _duration(env: Mapping[str, str], name: str, default: timedelta) -> timedelt
     try:
         return parse_duration(raw)
     except ValueError as exc:
+        raise ConfigError(f"{name}: {exc}") from None
+
+
+def _positive_duration(env: Mapping[str, str], name: str, default: timedelta) -> timedelta:
+    value = _duration(env, name, default)
+    if value <= timedelta(0):
+        raise ConfigError(f"{name}: must be greater than zero")
+    return value
+
+
+def _usd(env: Mapping[str, str], name: str, default: Decimal) -> Decimal:
+    raw = env.get(name)
+    if not raw:
+        return default
+    try:
+        return parse_usd(raw)
+    except MoneyFormatError as exc:
         raise ConfigError(f"{name}: {exc}") from None
 
 

@@ -56,7 +56,7 @@ def parse_master_key(spec: str) -> KeyRing:
             if len(entries) > 1:
                 raise MasterKeyError("KEYBROKER_MASTER_KEY: with several keys each needs ID:BASE64")
             kek_id, encoded = DEFAULT_KEK_ID, entry
-        if not _KEK_ID.match(kek_id):
+        if not _KEK_ID.fullmatch(kek_id):
             raise MasterKeyError("KEYBROKER_MASTER_KEY: key ids are 1-32 of A-Z a-z 0-9 _ -")
         if kek_id in keys:
             raise MasterKeyError(f"KEYBROKER_MASTER_KEY: key id {kek_id!r} appears twice")

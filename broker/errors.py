@@ -91,6 +91,14 @@ class ConcurrentRotation(KeybrokerError):
         super().__init__("another rotation of this key finished first; retry", user_id=user_id)
 
 
+class RequestInProgress(KeybrokerError):
+    code = grpc.StatusCode.ABORTED
+    reason = "REQUEST_IN_PROGRESS"
+
+    def __init__(self, user_id: str) -> None:
+        super().__init__("a request with this request_id is still in progress; retry", user_id=user_id)
+
+
 class Unauthenticated(KeybrokerError):
     code = grpc.StatusCode.UNAUTHENTICATED
     reason = "UNAUTHENTICATED"

@@ -7,6 +7,7 @@ database (api_keys.retire_at), so it happens even if this replica dies before do
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import logging
@@ -28,10 +29,13 @@ from broker.errors import (
     NoApiKey,
     ProviderError,
     ProviderKeyNotFound,
+    RequestInProgress,
 )
 from broker.openrouter import OpenRouterClient
+from broker.provisioning import IntentBusy, KeyMinter, Minted
 from broker.storage import keys_store
-from broker.storage.keys_store import AuditEvent, KeyRecord, NewKey, UserKey
+from broker.storage.keys_store import AuditEvent, KeyRecord, UserKey
+from broker.validation import USER_ID
 
 log = logging.getLogger("keybroker.keys")
 
@@ -63,11 +67,6 @@ class Rotation:
     previous_key_expire_time: datetime
 
 
-def provider_key_name(user_id: str, key_version: int) -> str:
-    """Unique per user and version, so a create whose response was lost can be found by listing."""
-    return f"keybroker:{user_id}:v{key_version}"
-
-
 def provider_limit(limit: Decimal | None, spent_before_key: Decimal) -> Decimal | None:
     """The provider key's own monthly cap: what is left of the user's limit when it was made."""
     if limit is None:
@@ -76,11 +75,19 @@ def provider_limit(limit: Decimal | None, spent_before_key: Decimal) -> Decimal 
 
 
 class KeyService:
-    def __init__(self, db: Database, provider: OpenRouterClient, ring: crypto.KeyRing, clock: Clock) -> None:
+    def __init__(
+        self,
+        db: Database,
+        provider: OpenRouterClient,
+        ring: crypto.KeyRing,
+        clock: Clock,
+        intent_timeout: timedelta = timedelta(seconds=30),
+    ) -> None:
         self.db = db
         self.provider = provider
         self.ring = ring
         self.clock = clock
+        self.minter = KeyMinter(db, provider, ring, clock, intent_timeout)
 
     async def get_key(self, user_id: str, actor: str) -> DisclosedKey:
         now = self.clock()
@@ -117,8 +124,7 @@ class KeyService:
         exists, tier_limit = await keys_store.tier_limit(self.db, tier)
         if not exists:
             raise InvalidArgument("tier", f"unknown tier {tier!r}")
-        now = self.clock()
-        current = await keys_store.find_user(self.db, user_id, period_start(now))
+        current = await keys_store.find_user(self.db, user_id, period_start(self.clock()))
         if current is not None:
             if await keys_store.find_key_by_request(self.db, user_id, request_id):
                 return current  # a retry of the provisioning that made this key
@@ -127,15 +133,25 @@ class KeyService:
         version = 1 if current is None else current.key_version + 1
         spent = Decimal(0) if current is None else current.spent_usd
         limit = custom_limit if custom_limit is not None else tier_limit
-        key = await self._create_key(user_id, version, provider_limit(limit, spent), request_id, spent)
+        minted = await self._mint(
+            user_id, version, provider_limit(limit, spent), request_id, spent, "provision"
+        )
+        if minted is None:
+            return await self.info(user_id)
         event = AuditEvent(
             user_id,
             actor,
             "key.provisioned",
-            {"key_id": key.key_id, "key_version": version, "tier": tier, "custom_limit_usd": custom_limit},
+            {
+                "key_id": minted.key.key_id,
+                "key_version": version,
+                "tier": tier,
+                "custom_limit_usd": custom_limit,
+            },
         )
         store = keys_store.insert_user_with_key if current is None else keys_store.reissue_key
-        if not await self._store_or_discard(key, store(self.db, key, tier, custom_limit, event)):
+        stored = store(self.db, minted.key, tier, custom_limit, event, minted.intent)
+        if not await self._commit_or_discard(minted, stored):
             if await keys_store.find_key_by_request(self.db, user_id, request_id):
                 return await self.info(user_id)
             raise KeyExists(user_id)
@@ -151,35 +167,35 @@ class KeyService:
         if current.status != "active" or current.disabled:
             raise KeyDisabled(user_id)
         version = current.key_version + 1
-        key = await self._create_key(
-            user_id,
-            version,
-            provider_limit(current.limit_usd, current.spent_usd),
-            request_id,
-            current.spent_usd,
-        )
-        retire_at = key.create_time + grace
+        limit = provider_limit(current.limit_usd, current.spent_usd)
+        minted = await self._mint(user_id, version, limit, request_id, current.spent_usd, "rotate")
+        if minted is None:
+            replay = await self._rotation_replay(user_id, request_id)
+            assert replay is not None
+            return replay
+        retire_at = minted.key.create_time + grace
         event = AuditEvent(
             user_id,
             actor,
             "key.rotated",
             {
-                "key_id": key.key_id,
+                "key_id": minted.key.key_id,
                 "key_version": version,
                 "previous_key_id": current.key_id,
                 "grace_seconds": grace.total_seconds(),
                 "delete_old": delete_old,
             },
         )
-        stored = keys_store.rotate(self.db, key, retire_at, delete_old, event)
-        if not await self._store_or_discard(key, stored):
+        stored = keys_store.rotate(self.db, minted.key, retire_at, delete_old, event, minted.intent)
+        if not await self._commit_or_discard(minted, stored):
             replay = await self._rotation_replay(user_id, request_id)
             if replay is not None:
                 return replay
             raise ConcurrentRotation(user_id)
+        self.minter.crash_point("rotation_committed")
         if grace <= timedelta(0):
             await self.retire_now(user_id, current.key_version)
-        return Rotation(key.key_id, version, current.key_id, retire_at)
+        return Rotation(minted.key.key_id, version, current.key_id, retire_at)
 
     async def revoke(self, user_id: str, delete: bool, actor: str) -> UserKey:
         now = self.clock()
@@ -282,43 +298,43 @@ class KeyService:
         if disabled is not None and disabled != current.disabled:
             await self.provider.update_key(current.key_id, disabled=disabled)
 
-    async def _create_key(
-        self, user_id: str, version: int, limit: Decimal | None, request_id: str, spent: Decimal
-    ) -> NewKey:
-        created = await self.provider.create_key(provider_key_name(user_id, version), limit)
-        kek_id, sealed = crypto.seal(
-            self.ring, created.secret, crypto.key_row_identity(user_id, version, created.key.hash)
-        )
-        now = self.clock()
-        return NewKey(
-            user_id=user_id,
-            key_version=version,
-            key_id=created.key.hash,
-            provider_name=created.key.name,
-            sealed=sealed,
-            kek_id=kek_id,
-            request_id=request_id,
-            limit_base_usd=spent,
-            limit_base_period=period_start(now),
-            create_time=now,
-        )
+    async def _mint(
+        self,
+        user_id: str,
+        version: int,
+        limit: Decimal | None,
+        request_id: str,
+        spent: Decimal,
+        kind: str,
+    ) -> Minted | None:
+        """Create the key of (user, version); None when a concurrent call with the same
+        request_id made it first (the caller then answers with that call's result)."""
+        deadline = self.clock() + self.minter.intent_timeout
+        delay = 0.02
+        while True:
+            try:
+                return await self.minter.mint(user_id, version, limit, request_id, spent, kind)
+            except IntentBusy as busy:
+                if busy.intent.request_id != request_id:
+                    raise (KeyExists if kind == "provision" else ConcurrentRotation)(user_id) from None
+                if busy.intent.state == "done":
+                    return None
+                if self.clock() >= deadline:
+                    raise RequestInProgress(user_id) from None
+            # The same request is in flight (a client retry racing its original): wait for it.
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.5)
 
-    async def _store_or_discard(self, key: NewKey, storing: Awaitable[bool]) -> bool:
-        """Await the store coroutine; if it loses or fails, delete the provider key we made."""
+    async def _commit_or_discard(self, minted: Minted, storing: Awaitable[bool]) -> bool:
+        """Await the commit; if it loses or fails, delete the provider key we made."""
         try:
             stored = await storing
-        except BaseException:
-            await self._discard(key)
+        except Exception:
+            await self.minter.discard(minted)
             raise
         if not stored:
-            await self._discard(key)
+            await self.minter.discard(minted)
         return stored
-
-    async def _discard(self, key: NewKey) -> None:
-        try:
-            await self.provider.delete_key(key.key_id)
-        except ProviderError as exc:
-            log.warning("could not delete unused provider key %s: %s", key.key_id, exc.reason)
 
     async def _rotation_replay(self, user_id: str, request_id: str) -> Rotation | None:
         record = await keys_store.find_key_by_request(self.db, user_id, request_id)
@@ -338,6 +354,9 @@ def decode_page_token(token: str) -> str:
         return ""
     try:
         padded = token + "=" * (-len(token) % 4)
-        return base64.urlsafe_b64decode(padded.encode("ascii")).decode("utf-8")
+        user_id = base64.b64decode(padded.encode("ascii"), altchars=b"-_", validate=True).decode("utf-8")
     except (binascii.Error, UnicodeError, ValueError):
-        raise InvalidArgument("page_token", "is not a token from a previous ListKeys response") from None
+        user_id = ""
+    if not USER_ID.fullmatch(user_id):
+        raise InvalidArgument("page_token", "is not a token from a previous ListKeys response")
+    return user_id

@@ -37,7 +37,7 @@ def discover(directory: Path = SQL_DIR) -> list[Migration]:
     """All migrations, checked: names match NNNN_name.sql and versions run 1, 2, 3, ..."""
     migrations = []
     for path in sorted(directory.glob("*.sql")):
-        match = FILE_NAME.match(path.name)
+        match = FILE_NAME.fullmatch(path.name)
         if not match:
             raise MigrationError(f"{path.name}: migration files are named NNNN_lower_snake.sql")
         migrations.append(Migration(int(match.group(1)), match.group(2), path.read_text("utf-8")))

@@ -7,6 +7,8 @@ import uuid
 from datetime import date, timedelta
 from decimal import Decimal
 
+from google.protobuf import duration_pb2
+
 from broker.errors import InvalidArgument
 from broker.money import MoneyFormatError, parse_usd
 
@@ -23,7 +25,7 @@ MAX_GRACE = timedelta(days=30)
 def user_id(value: str, field: str = "user_id") -> str:
     if not value:
         raise InvalidArgument(field, "is required")
-    if not USER_ID.match(value):
+    if not USER_ID.fullmatch(value):
         raise InvalidArgument(field, "must be 1-128 characters of A-Z a-z 0-9 . _ : @ -")
     return value
 
@@ -33,7 +35,7 @@ def request_id(value: str, field: str = "request_id", required: bool = True) -> 
         if required:
             raise InvalidArgument(field, "is required")
         return None
-    if not REQUEST_ID.match(value):
+    if not REQUEST_ID.fullmatch(value):
         raise InvalidArgument(field, "must be 1-200 printable ASCII characters without spaces")
     return value
 
@@ -77,14 +79,18 @@ def tokens(value: int, field: str) -> int:
     return value
 
 
-def duration(value: timedelta, field: str, maximum: timedelta) -> timedelta:
-    if value < timedelta(0) or value > maximum:
+def duration(value: duration_pb2.Duration, field: str, maximum: timedelta) -> timedelta:
+    """A protobuf Duration within [0, maximum], checked before conversion (which can overflow)."""
+    if value.seconds < 0 or value.nanos < 0 or value.seconds > maximum.total_seconds():
         raise InvalidArgument(field, f"must be between 0 and {maximum}")
-    return value
+    converted = timedelta(seconds=value.seconds, microseconds=value.nanos // 1000)
+    if converted > maximum:
+        raise InvalidArgument(field, f"must be between 0 and {maximum}")
+    return converted
 
 
 def tier(value: str, field: str = "tier") -> str:
-    if not TIER_NAME.match(value):
+    if not TIER_NAME.fullmatch(value):
         raise InvalidArgument(field, "must be a tier name such as free or standard")
     return value
 
@@ -92,7 +98,21 @@ def tier(value: str, field: str = "tier") -> str:
 def month(value: str, field: str = "month") -> date | None:
     if not value:
         return None
-    match = MONTH.match(value)
+    match = MONTH.fullmatch(value)
     if not match or not (2000 <= int(match.group(1)) <= 2999 and 1 <= int(match.group(2)) <= 12):
         raise InvalidArgument(field, "must be a month YYYY-MM between 2000-01 and 2999-12")
     return date(int(match.group(1)), int(match.group(2)), 1)
+
+
+def key_id(value: str, field: str = "key_id") -> str:
+    if not value:
+        raise InvalidArgument(field, "is required")
+    if len(value) > 128 or not REQUEST_ID.fullmatch(value):
+        raise InvalidArgument(field, "must be an OpenRouter key hash (1-128 printable characters)")
+    return value
+
+
+def http_status(value: int, field: str = "http_status") -> int:
+    if not 100 <= value <= 599:
+        raise InvalidArgument(field, "must be an HTTP status code between 100 and 599")
+    return value

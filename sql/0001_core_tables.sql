@@ -43,7 +43,7 @@ CREATE TABLE api_keys (
     request_id        text,
     -- Spend of this calendar month that happened before this key existed: the provider key's
     -- own monthly window starts at zero, so its limit is the user's limit minus this.
-    limit_base_usd    numeric(24, 10) NOT NULL DEFAULT 0,
+    limit_base_usd    numeric NOT NULL DEFAULT 0,
     limit_base_period date NOT NULL,
     create_time       timestamptz NOT NULL,
     -- A pending retirement: disable (or delete) the provider key at retire_at. Lives here so it
@@ -62,8 +62,8 @@ CREATE INDEX api_keys_key_id ON api_keys (key_id);
 CREATE TABLE usage_periods (
     user_id       text NOT NULL,
     period_start  date NOT NULL CHECK (extract(day FROM period_start) = 1),
-    spent_usd     numeric(24, 10) NOT NULL DEFAULT 0,
-    reserved_usd  numeric(24, 10) NOT NULL DEFAULT 0 CHECK (reserved_usd >= 0),
+    spent_usd     numeric NOT NULL DEFAULT 0,
+    reserved_usd  numeric NOT NULL DEFAULT 0 CHECK (reserved_usd >= 0),
     request_count bigint NOT NULL DEFAULT 0,
     PRIMARY KEY (user_id, period_start)
 );
@@ -98,8 +98,8 @@ CREATE TABLE usage_ledger (
     total_tokens        bigint NOT NULL CHECK (total_tokens >= 0),
     cost_usd            numeric(22, 10) NOT NULL CHECK (cost_usd >= 0),
     duration_ms         bigint NOT NULL CHECK (duration_ms >= 0),
-    spent_after_usd     numeric(24, 10) NOT NULL,
-    remaining_after_usd numeric(24, 10),
+    spent_after_usd     numeric NOT NULL,
+    remaining_after_usd numeric,
     over_limit          boolean NOT NULL,
     PRIMARY KEY (user_id, request_id)
 );

@@ -11,6 +11,8 @@ CREATE TABLE key_intents (
     request_id    text NOT NULL,
     kind          text NOT NULL CHECK (kind IN ('provision', 'rotate')),
     provider_name text NOT NULL,
+    -- Each attempt at the version gets a new id; only the attempt holding the intent may commit.
+    attempt       uuid NOT NULL,
     state         text NOT NULL CHECK (state IN ('pending', 'done', 'rolled_back')),
     create_time   timestamptz NOT NULL,
     update_time   timestamptz NOT NULL,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal
@@ -12,6 +13,8 @@ from typing import Any
 import asyncpg
 
 from broker.db import Database
+from broker.storage import intents_store
+from broker.storage.intents_store import Intent
 
 _KEY_INFO = """
     SELECT u.user_id, u.tier, u.custom_limit_usd,
@@ -152,54 +155,62 @@ async def tier_limit(db: Database, tier: str) -> tuple[bool, Decimal | None]:
 
 
 async def insert_user_with_key(
-    db: Database, key: NewKey, tier: str, custom_limit: Decimal | None, event: AuditEvent
+    db: Database,
+    key: NewKey,
+    tier: str,
+    custom_limit: Decimal | None,
+    event: AuditEvent,
+    intent: Intent,
 ) -> bool:
-    """A new user and their first key, in one transaction. False if the user already exists."""
-    async with db.transaction() as conn:
-        inserted = await conn.fetchval(
-            """INSERT INTO users (user_id, tier, custom_limit_usd, disabled, current_key_version,
-                                  create_time, update_time)
-               VALUES ($1, $2, $3, false, $4, $5, $5)
-               ON CONFLICT (user_id) DO NOTHING RETURNING true""",
-            key.user_id,
-            tier,
-            custom_limit,
-            key.key_version,
-            key.create_time,
+    """A new user and their first key. False if the user exists or our intent was taken over."""
+
+    async def insert_user(conn: asyncpg.Connection) -> bool:
+        return bool(
+            await conn.fetchval(
+                """INSERT INTO users (user_id, tier, custom_limit_usd, disabled, current_key_version,
+                                      create_time, update_time)
+                   VALUES ($1, $2, $3, false, $4, $5, $5)
+                   ON CONFLICT (user_id) DO NOTHING RETURNING true""",
+                key.user_id,
+                tier,
+                custom_limit,
+                key.key_version,
+                key.create_time,
+            )
         )
-        if not inserted:
-            return False
-        await _insert_key(conn, key, "active")
-        await insert_audit(conn, event, key.create_time)
-        await key_event(conn, key.user_id, "PROVISIONED", key.key_id, key.key_version)
-    return True
+
+    return await _store_new_key(db, key, intent, event, insert_user, "PROVISIONED")
 
 
 async def reissue_key(
-    db: Database, key: NewKey, tier: str, custom_limit: Decimal | None, event: AuditEvent
+    db: Database,
+    key: NewKey,
+    tier: str,
+    custom_limit: Decimal | None,
+    event: AuditEvent,
+    intent: Intent,
 ) -> bool:
-    """A new key for a user whose current key is revoked. False if the key is not revoked."""
-    async with db.transaction() as conn:
-        updated = await conn.fetchval(
-            """UPDATE users u SET current_key_version = $2, tier = $3, custom_limit_usd = $4,
-                                  disabled = false, update_time = $5
-               FROM api_keys k
-               WHERE u.user_id = $1 AND k.user_id = u.user_id
-                 AND k.key_version = u.current_key_version AND k.status = 'revoked'
-                 AND u.current_key_version = $2 - 1
-               RETURNING true""",
-            key.user_id,
-            key.key_version,
-            tier,
-            custom_limit,
-            key.create_time,
+    """A new key for a user whose current key is revoked. False if it is not revoked (any more)."""
+
+    async def point_user_at_key(conn: asyncpg.Connection) -> bool:
+        return bool(
+            await conn.fetchval(
+                """UPDATE users u SET current_key_version = $2, tier = $3, custom_limit_usd = $4,
+                                      disabled = false, update_time = $5
+                   FROM api_keys k
+                   WHERE u.user_id = $1 AND k.user_id = u.user_id
+                     AND k.key_version = u.current_key_version AND k.status = 'revoked'
+                     AND u.current_key_version = $2 - 1
+                   RETURNING true""",
+                key.user_id,
+                key.key_version,
+                tier,
+                custom_limit,
+                key.create_time,
+            )
         )
-        if not updated:
-            return False
-        await _insert_key(conn, key, "active")
-        await insert_audit(conn, event, key.create_time)
-        await key_event(conn, key.user_id, "PROVISIONED", key.key_id, key.key_version)
-    return True
+
+    return await _store_new_key(db, key, intent, event, point_user_at_key, "PROVISIONED")
 
 
 async def rotate(
@@ -208,32 +219,52 @@ async def rotate(
     retire_at: datetime,
     retire_delete: bool,
     event: AuditEvent,
+    intent: Intent,
 ) -> bool:
-    """Make `key` current in place of version key_version - 1. False if that is no longer the
-    user's active key (a concurrent rotation or revocation won); nothing is written then."""
+    """Make `key` current in place of version key_version - 1, whose retirement is scheduled at
+    `retire_at`. False if that is no longer the user's active key or our intent was taken over."""
+
+    async def replace_current(conn: asyncpg.Connection) -> bool:
+        moved = await conn.fetchval(
+            """UPDATE users SET current_key_version = $2, update_time = $3
+               WHERE user_id = $1 AND current_key_version = $2 - 1 RETURNING true""",
+            key.user_id,
+            key.key_version,
+            key.create_time,
+        )
+        previous = await conn.fetchval(
+            """UPDATE api_keys SET status = 'previous', retire_at = $3, retire_delete = $4
+               WHERE user_id = $1 AND key_version = $2 - 1 AND status = 'active'
+               RETURNING true""",
+            key.user_id,
+            key.key_version,
+            retire_at,
+            retire_delete,
+        )
+        return bool(moved and previous)
+
+    return await _store_new_key(db, key, intent, event, replace_current, "ROTATED")
+
+
+async def _store_new_key(
+    db: Database,
+    key: NewKey,
+    intent: Intent,
+    event: AuditEvent,
+    make_current: Callable[[asyncpg.Connection], Awaitable[bool]],
+    event_kind: str,
+) -> bool:
+    """The commit of a key creation: our intent done, the key stored and made current, audited
+    and announced, all in one transaction — or nothing at all."""
     try:
         async with db.transaction() as conn:
-            moved = await conn.fetchval(
-                """UPDATE users SET current_key_version = $2, update_time = $3
-                   WHERE user_id = $1 AND current_key_version = $2 - 1 RETURNING true""",
-                key.user_id,
-                key.key_version,
-                key.create_time,
-            )
-            previous = await conn.fetchval(
-                """UPDATE api_keys SET status = 'previous', retire_at = $3, retire_delete = $4
-                   WHERE user_id = $1 AND key_version = $2 - 1 AND status = 'active'
-                   RETURNING true""",
-                key.user_id,
-                key.key_version,
-                retire_at,
-                retire_delete,
-            )
-            if not (moved and previous):
+            if not await intents_store.finish(conn, intent, "done", key.create_time):
+                raise _Rollback
+            if not await make_current(conn):
                 raise _Rollback
             await _insert_key(conn, key, "active")
             await insert_audit(conn, event, key.create_time)
-            await key_event(conn, key.user_id, "ROTATED", key.key_id, key.key_version)
+            await key_event(conn, key.user_id, event_kind, key.key_id, key.key_version)
     except _Rollback:
         return False
     return True
