@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 PY := $(BIN)/python
 PROTO_OUT := gen/python
 
-.PHONY: help install run test check lint typecheck proto proto-check buf-lint clean
+.PHONY: help install run test check lint typecheck proto proto-check buf-lint bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -31,8 +31,8 @@ test: $(STAMP) ## run every test (real PostgreSQL, real gRPC server, sandbox ove
 check: $(STAMP) lint typecheck proto-check buf-lint ## lint, types, stale generated code, buf lint
 
 lint: $(STAMP)
-	$(BIN)/ruff check broker clients tests
-	$(BIN)/ruff format --check broker clients tests
+	$(BIN)/ruff check broker clients tests bench
+	$(BIN)/ruff format --check broker clients tests bench
 
 typecheck: $(STAMP)
 	$(BIN)/mypy broker clients/python/keybroker_client
@@ -53,6 +53,9 @@ proto-check: $(STAMP) ## fail when gen/python is stale
 
 node_modules/.bin/buf:
 	npm install --no-audit --no-fund --silent @bufbuild/buf@1.75.0
+
+bench: $(STAMP) ## benchmark vs a no-op gRPC server (BENCH_ARGS="--quick", "--growth", ...)
+	$(PY) -m bench.run $(BENCH_ARGS)
 
 buf-lint: node_modules/.bin/buf ## buf lint on protos/
 	cd protos && ../node_modules/.bin/buf lint

@@ -12,14 +12,19 @@ from dataclasses import dataclass
 
 from broker import crypto, embedded
 from broker.auth import TokenAuthority
-from broker.background import BackgroundTasks
+from broker.background import BackgroundTasks, broker_tasks
 from broker.clock import Clock, system_clock
 from broker.config import ConfigError, Settings
 from broker.db import Database
+from broker.events import KeyEventHub
+from broker.key_reports import KeyReports
 from broker.keys import KeyService
+from broker.leases import Leases
 from broker.ledger import Ledger
 from broker.migrations import migrate
 from broker.openrouter import OpenRouterClient
+from broker.reconcile import Reconciler
+from broker.reseal import verify_master_key
 from broker.server import BrokerServer
 
 log = logging.getLogger("keybroker")
@@ -37,6 +42,9 @@ class Runtime:
     keys: KeyService
     ledger: Ledger
     authority: TokenAuthority
+    reports: KeyReports
+    reconciler: Reconciler
+    leases: Leases
     sandbox_url: str | None = None
 
 
@@ -72,22 +80,26 @@ async def open_runtime(
                 applied = await migrate(conn)
             if applied:
                 log.info("applied migrations: %s", ", ".join(applied))
+        await verify_master_key(db, ring)
         base_url, management_key, sandbox_url = settings.openrouter_base_url, settings.management_key, None
         if management_key is None:
             management_key = secrets.token_urlsafe(24)
             sandbox_url = base_url = await stack.enter_async_context(_sandbox(management_key))
         provider = OpenRouterClient(base_url, management_key, timeout_seconds=settings.provider_timeout)
         stack.push_async_callback(provider.aclose)
-        ledger = Ledger(db, clock, settings.reservation_ttl)
+        keys = KeyService(db, provider, ring, clock, settings.intent_timeout)
         yield Runtime(
             settings=settings,
             clock=clock,
             db=db,
             ring=ring,
             provider=provider,
-            keys=KeyService(db, provider, ring, clock),
-            ledger=ledger,
+            keys=keys,
+            ledger=Ledger(db, clock, settings.reservation_ttl),
             authority=TokenAuthority(db, clock, settings.token_cache_seconds),
+            reports=KeyReports(keys, settings.invalid_report_interval),
+            reconciler=Reconciler(keys, settings.drift_tolerance_usd),
+            leases=Leases(db, clock),
             sandbox_url=sandbox_url,
         )
 
@@ -112,16 +124,32 @@ async def _sandbox(management_key: str) -> AsyncIterator[str]:
 @asynccontextmanager
 async def serving(runtime: Runtime) -> AsyncIterator[BrokerServer]:
     """The gRPC server and background tasks, running until the block exits (then drained)."""
-    server = BrokerServer(runtime.keys, runtime.ledger, runtime.authority)
-    port = await server.start(runtime.settings.listen)
-    tasks = BackgroundTasks(runtime.keys, runtime.ledger, runtime.settings.background_interval)
-    tasks.start()
-    log.info("keybroker listening on port %d", port, extra={"port": port})
+    events = KeyEventHub(runtime.db, poll_interval=runtime.settings.event_poll_interval.total_seconds())
+    await events.start()
     try:
-        yield server
+        server = BrokerServer(
+            runtime.keys,
+            runtime.ledger,
+            runtime.authority,
+            events,
+            runtime.reports,
+            runtime.reconciler,
+        )
+        port = await server.start(runtime.settings.listen)
+        tasks = BackgroundTasks(
+            broker_tasks(runtime.settings, runtime.keys, runtime.ledger, runtime.reconciler),
+            runtime.leases,
+        )
+        server.background = tasks
+        tasks.start()
+        log.info("keybroker listening on port %d", port, extra={"port": port})
+        try:
+            yield server
+        finally:
+            await tasks.stop()
+            await server.stop(runtime.settings.shutdown_grace)
     finally:
-        await tasks.stop()
-        await server.stop(runtime.settings.shutdown_grace)
+        await events.close()
 
 
 async def run_until_signal(server: BrokerServer) -> None:

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from broker import cli_remote, embedded, logs
+from broker import cli_ops, cli_remote, embedded, logs
 from broker.app import open_runtime, run_until_signal, serving
 from broker.config import ConfigError, Settings, load_settings
 from broker.errors import KeybrokerError
@@ -52,11 +52,22 @@ def build_parser() -> argparse.ArgumentParser:
     summary.add_argument("--month", help="YYYY-MM (default: this month)")
     _remote_flags(summary)
 
+    reconcile = commands.add_parser(
+        "reconcile", help="compare OpenRouter's keys with the broker's and repair"
+    )
+    reconcile.add_argument("--dry-run", action="store_true", help="only report; change nothing")
+    _remote_flags(reconcile)
+
     audit = commands.add_parser("audit", help="audit log").add_subparsers(dest="action", required=True)
     audit_list = audit.add_parser("list", help="latest audit events")
     audit_list.add_argument("--user")
     audit_list.add_argument("--limit", type=int, default=50)
+    audit_list.add_argument(
+        "--since", type=cli_ops.parse_since, help="ISO date/datetime (UTC if no zone) or a duration: 24h, 7d"
+    )
     _json_flag(audit_list)
+    cli_ops.add_audit_commands(audit)
+    cli_ops.add_keys_commands(commands)
     return parser
 
 
@@ -88,6 +99,13 @@ def _add_key_commands(commands: Any) -> None:
     revoke = key.add_parser("revoke", help="revoke a user's key")
     revoke.add_argument("user")
     revoke.add_argument("--delete", action="store_true", help="delete at OpenRouter instead of disabling")
+    due = key.add_parser("rotate-due", help="rotate keys older than --older-than (for cron)")
+    due.add_argument("--older-than", help="e.g. 30d (default KEYBROKER_ROTATE_AFTER)")
+    rotate_all = key.add_parser("rotate-all", help="rotate every active key (for cron)")
+    for sub in (due, rotate_all):
+        sub.add_argument("--grace", default="1h", help="grace of each old key, e.g. 10m (default 1h)")
+        sub.add_argument("--delete-old", action="store_true", help="delete old keys instead of disabling")
+        sub.add_argument("--dry-run", action="store_true", help="only list the users")
     for sub in key.choices.values():
         _remote_flags(sub)
 
@@ -110,6 +128,9 @@ REMOTE: dict[tuple[str, str], Callable[[Any, argparse.Namespace], Awaitable[None
     ("key", "update"): cli_remote.update_user,
     ("key", "revoke"): cli_remote.revoke_user,
     ("usage", "summary"): cli_remote.usage_summary,
+    ("reconcile", ""): cli_remote.reconcile,
+    ("key", "rotate-due"): cli_remote.rotate_due,
+    ("key", "rotate-all"): cli_remote.rotate_all,
 }
 
 
@@ -156,11 +177,9 @@ async def dispatch(args: argparse.Namespace, settings: Settings) -> int:
         elif args.command == "token":
             return await token_command(runtime, args)
         elif args.command == "audit":
-            rows = await tokens_store.list_audit(runtime.db, args.user, args.limit)
-            data = [row.__dict__ for row in rows]
-            print_json(data) if args.json else print_table(
-                data, ("event_time", "actor", "action", "user_id", "details")
-            )
+            return await cli_ops.audit_command(runtime, args)
+        elif args.command == "keys":
+            return await cli_ops.keys_command(runtime, args)
     return 0
 
 
@@ -251,6 +270,7 @@ async def run_remote(
         token = embedded.read_or_create_secret_file(settings.data_dir / embedded.DEV_TOKEN_FILE, False, "")
     if not token:
         raise ConfigError("no caller token: pass --token or set KEYBROKER_TOKEN")
+    args.settings = settings
     async with KeyBrokerClient(args.target or settings.listen, token, timeout=10.0) as client:
         await command(client, args)
     return 0

@@ -13,6 +13,7 @@ from google.protobuf.message import Message
 from keybroker.v1 import keybroker_pb2 as pb
 from keybroker_client import KeyBrokerClient
 
+from broker.config import parse_duration
 from broker.tables import print_json, print_record, print_table
 
 KEY_COLUMNS = ("user_id", "tier", "status", "limit_usd", "spent_usd", "key_version", "key_id")
@@ -106,3 +107,54 @@ async def usage_summary(client: KeyBrokerClient, args: argparse.Namespace) -> No
     for title, groups, name in (("by model", reply.by_model, "model"), ("by agent", reply.by_agent, "agent")):
         print(f"\n{title}:")
         print_table([as_dict(g) for g in groups], (name, "requests", "tokens", "cost_usd"))
+
+
+async def reconcile(client: KeyBrokerClient, args: argparse.Namespace) -> None:
+    reply = await client.reconcile(dry_run=args.dry_run)
+    if args.json:
+        print_json(as_dict(reply))
+        return
+    print(
+        f"reconcile{' (dry run: nothing changed)' if reply.dry_run else ''}: "
+        f"{reply.provider_keys} keys at OpenRouter, {reply.database_keys} in the database"
+    )
+    rows = [
+        {
+            **as_dict(f),
+            "kind": pb.ReconcileFindingKind.Name(f.kind).removeprefix("RECONCILE_FINDING_KIND_").lower(),
+        }
+        for f in reply.findings
+    ]
+    print_table(rows, ("kind", "user_id", "key_id", "provider_usd", "broker_usd", "fixed", "detail"))
+
+
+async def rotate_due(client: KeyBrokerClient, args: argparse.Namespace) -> None:
+    if args.older_than:
+        older_than = parse_duration(args.older_than)
+    elif args.settings.rotate_after is not None:
+        older_than = args.settings.rotate_after
+    else:
+        raise ValueError("give --older-than or set KEYBROKER_ROTATE_AFTER")
+    await _rotate_keys(client, args, older_than)
+
+
+async def rotate_all(client: KeyBrokerClient, args: argparse.Namespace) -> None:
+    await _rotate_keys(client, args, timedelta(0))
+
+
+async def _rotate_keys(client: KeyBrokerClient, args: argparse.Namespace, older_than: timedelta) -> None:
+    reply = await client.rotate_keys(
+        older_than=older_than,
+        grace_period=parse_duration(args.grace),
+        delete_old=args.delete_old,
+        dry_run=args.dry_run,
+    )
+    if args.json:
+        print_json(as_dict(reply))
+    else:
+        verb = "would rotate" if args.dry_run else "rotated"
+        print(f"{verb} {len(reply.rotated_user_ids)} keys: {', '.join(reply.rotated_user_ids) or '-'}")
+        for failure in reply.failures:
+            print(f"failed: {failure.user_id} ({failure.reason})")
+    if reply.failures:
+        raise LookupError(f"{len(reply.failures)} rotations failed")

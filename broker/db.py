@@ -42,6 +42,7 @@ class Database:
     def __init__(self, pool: asyncpg.Pool, acquire_timeout: float) -> None:
         self.pool = pool
         self.acquire_timeout = acquire_timeout
+        self._dedicated: Callable[[], Awaitable[asyncpg.Connection]] | None = None
 
     @classmethod
     async def connect(cls, dsn: str, settings: Settings) -> Database:
@@ -58,7 +59,21 @@ class Database:
             )
         except UNREACHABLE as exc:
             raise DatabaseUnavailable(f"cannot connect to the database ({type(exc).__name__})") from exc
-        return cls(pool, acquire_timeout=settings.db_command_timeout)
+        database = cls(pool, acquire_timeout=settings.db_command_timeout)
+        database._dedicated = lambda: asyncpg.connect(
+            dsn,
+            timeout=settings.db_connect_timeout,
+            command_timeout=settings.db_command_timeout,
+            server_settings={"application_name": "keybroker"},
+        )
+        return database
+
+    async def connect_dedicated(self) -> asyncpg.Connection:
+        """A connection of its own, outside the pool (LISTEN needs a session that stays put).
+        The caller closes it. Driver failures are left to the caller, which decides on retries."""
+        if self._dedicated is None:
+            raise DatabaseUnavailable("this database handle cannot open dedicated connections")
+        return await self._dedicated()
 
     async def close(self) -> None:
         await self.pool.close()

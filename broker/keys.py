@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
 
+import grpc
+
 from broker import crypto
 from broker.clock import Clock, period_start
 from broker.db import Database
@@ -33,7 +35,7 @@ from broker.errors import (
 )
 from broker.openrouter import OpenRouterClient
 from broker.provisioning import IntentBusy, KeyMinter, Minted
-from broker.storage import keys_store
+from broker.storage import intents_store, keys_store
 from broker.storage.keys_store import AuditEvent, KeyRecord, UserKey
 from broker.validation import USER_ID
 
@@ -41,8 +43,10 @@ log = logging.getLogger("keybroker.keys")
 
 
 class SecretUnreadable(KeybrokerError):
-    """A stored secret does not open with the configured master key: a deployment fault."""
+    """A stored secret does not open with the configured master key: a deployment fault that a
+    retry cannot fix (an operator must restore the right key, or re-provision)."""
 
+    code = grpc.StatusCode.FAILED_PRECONDITION
     reason = "KEY_UNREADABLE"
 
 
@@ -126,8 +130,9 @@ class KeyService:
             raise InvalidArgument("tier", f"unknown tier {tier!r}")
         current = await keys_store.find_user(self.db, user_id, period_start(self.clock()))
         if current is not None:
-            if await keys_store.find_key_by_request(self.db, user_id, request_id):
+            if await self._request_kind(user_id, request_id) == "provision":
                 return current  # a retry of the provisioning that made this key
+            await self._refuse_reused_request(user_id, request_id)
             if current.status != "revoked":
                 raise KeyExists(user_id)
         version = 1 if current is None else current.key_version + 1
@@ -336,9 +341,24 @@ class KeyService:
             await self.minter.discard(minted)
         return stored
 
-    async def _rotation_replay(self, user_id: str, request_id: str) -> Rotation | None:
+    async def _request_kind(self, user_id: str, request_id: str) -> str | None:
+        """Which operation made a key with this request id ('provision', 'rotate'), if any."""
         record = await keys_store.find_key_by_request(self.db, user_id, request_id)
-        if record is None or record.key_version < 2:
+        if record is None:
+            return None
+        intent = await intents_store.find(self.db, user_id, record.key_version)
+        return intent.kind if intent is not None else ("provision" if record.key_version == 1 else "rotate")
+
+    async def _refuse_reused_request(self, user_id: str, request_id: str) -> None:
+        if await keys_store.find_key_by_request(self.db, user_id, request_id) is not None:
+            raise InvalidArgument("request_id", "was already used by another operation on this user")
+
+    async def _rotation_replay(self, user_id: str, request_id: str) -> Rotation | None:
+        kind = await self._request_kind(user_id, request_id)
+        if kind == "provision":
+            await self._refuse_reused_request(user_id, request_id)
+        record = await keys_store.find_key_by_request(self.db, user_id, request_id)
+        if record is None or kind != "rotate":
             return None
         previous = await keys_store.find_key(self.db, user_id, record.key_version - 1)
         assert previous is not None and previous.retire_at is not None

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, NoReturn
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -15,9 +17,13 @@ from keybroker.v1 import keybroker_pb2_grpc as pb_grpc
 
 from broker.admin_service import KeyBrokerAdminService
 from broker.auth import AuthInterceptor, TokenAuthority, current_caller
+from broker.background import BackgroundTasks
 from broker.errors import KeybrokerError, to_rpc_status
+from broker.events import KeyEventHub
+from broker.key_reports import KeyReports
 from broker.keys import KeyService
 from broker.ledger import Ledger
+from broker.reconcile import Reconciler
 from broker.service import KeyBrokerService
 
 log = logging.getLogger("keybroker.rpc")
@@ -40,52 +46,116 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
+        if handler is None:
             return handler
-        inner = handler.unary_unary
         method = handler_call_details.method
+        if handler.unary_unary is not None:
+            return handler._replace(unary_unary=_guard_call(handler.unary_unary, method))
+        if handler.unary_stream is None:
+            return handler
+        if inspect.iscoroutinefunction(handler.unary_stream):  # streams with context.write()
+            return handler._replace(unary_stream=_guard_call(handler.unary_stream, method))
+        return handler._replace(unary_stream=_guard_stream(handler.unary_stream, method))
 
-        async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            started = time.perf_counter()
-            code = grpc.StatusCode.OK
-            try:
-                return await inner(request, context)
-            except KeybrokerError as error:
-                status = to_rpc_status(error)
-                code = status.code
-                await context.abort(
-                    status.code,
-                    status.message,
-                    trailing_metadata=((STATUS_DETAILS_KEY, status.details.SerializeToString()),),
-                )
-            except Exception:
-                if context.code() not in (None, grpc.StatusCode.OK):
-                    raise  # an abort already in flight
-                code = grpc.StatusCode.INTERNAL
-                log.exception("bug while serving %s", method)
-                await context.abort(grpc.StatusCode.INTERNAL, "internal error")
-            finally:
-                caller = current_caller.get()
-                log.info(
-                    "rpc %s %s %.1fms",
-                    method,
-                    code.name,
-                    (time.perf_counter() - started) * 1000,
-                    extra={
-                        "rpc": method,
-                        "status": code.name,
-                        "caller": caller.name if caller else None,
-                        "user_id": getattr(request, "user_id", None) or None,
-                    },
-                )
 
-        return handler._replace(unary_unary=guarded)
+Behavior = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+
+
+def _guard_call(inner: Behavior, method: str) -> Behavior:
+    async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        started = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            return await inner(request, context)
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception as error:
+            code = _code_of(error, context)
+            await _abort(error, context, method)
+        finally:
+            _log_call(method, code, started, request)
+
+    return guarded
+
+
+StreamBehavior = Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]
+
+
+def _guard_stream(inner: StreamBehavior, method: str) -> StreamBehavior:
+    """The async-generator twin of `_guard_call`: same translation, logged when the stream ends."""
+
+    async def guarded(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        started = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            async for item in inner(request, context):
+                yield item
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED  # the caller went away
+            raise
+        except Exception as error:
+            code = _code_of(error, context)
+            await _abort(error, context, method)
+        finally:
+            _log_call(method, code, started, request)
+
+    return guarded
+
+
+def _code_of(error: Exception, context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    if isinstance(error, KeybrokerError):
+        return error.code
+    code: grpc.StatusCode | None = context.code()
+    return code if code not in (None, grpc.StatusCode.OK) else grpc.StatusCode.INTERNAL
+
+
+async def _abort(error: Exception, context: grpc.aio.ServicerContext, method: str) -> NoReturn:
+    """End the call for `error`: a domain error with its rich status, an abort already in
+    flight as it is, anything else as INTERNAL (a bug: logged with its stack)."""
+    if isinstance(error, KeybrokerError):
+        status = to_rpc_status(error)
+        await context.abort(
+            status.code,
+            status.message,
+            trailing_metadata=((STATUS_DETAILS_KEY, status.details.SerializeToString()),),
+        )
+    if context.code() not in (None, grpc.StatusCode.OK):
+        raise error
+    log.exception("bug while serving %s", method, exc_info=error)
+    await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+    raise AssertionError("context.abort returned")
+
+
+def _log_call(method: str, code: grpc.StatusCode, started: float, request: Any) -> None:
+    caller = current_caller.get()
+    log.info(
+        "rpc %s %s %.1fms",
+        method,
+        code.name,
+        (time.perf_counter() - started) * 1000,
+        extra={
+            "rpc": method,
+            "status": code.name,
+            "caller": caller.name if caller else None,
+            "user_id": getattr(request, "user_id", None) or None,
+        },
+    )
 
 
 class BrokerServer:
     """A grpc.aio server with the broker's services; `port` is the bound port."""
 
-    def __init__(self, keys: KeyService, ledger: Ledger, authority: TokenAuthority) -> None:
+    def __init__(
+        self,
+        keys: KeyService,
+        ledger: Ledger,
+        authority: TokenAuthority,
+        events: KeyEventHub,
+        reports: KeyReports,
+        reconciler: Reconciler,
+    ) -> None:
+        self.events = events
         self.server = grpc.aio.server(
             interceptors=[ErrorInterceptor(), AuthInterceptor(authority)],
             options=[
@@ -93,14 +163,18 @@ class BrokerServer:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        pb_grpc.add_KeyBrokerServicer_to_server(KeyBrokerService(keys, ledger), self.server)
-        pb_grpc.add_KeyBrokerAdminServicer_to_server(KeyBrokerAdminService(keys, ledger), self.server)
+        pb_grpc.add_KeyBrokerServicer_to_server(KeyBrokerService(keys, ledger, events, reports), self.server)
+        pb_grpc.add_KeyBrokerAdminServicer_to_server(
+            KeyBrokerAdminService(keys, ledger, reconciler), self.server
+        )
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
         )
         self.port = 0
+        # The replica's background tasks, once started (tests count their runs).
+        self.background: BackgroundTasks | None = None
 
     async def start(self, listen: str) -> int:
         self.port = self.server.add_insecure_port(listen)
@@ -118,8 +192,10 @@ class BrokerServer:
             await self.health.set(name, status)
 
     async def stop(self, grace: float) -> None:
-        """Drain: health turns NOT_SERVING, new calls are refused, in-flight calls finish."""
+        """Drain: health turns NOT_SERVING, new calls are refused, in-flight calls finish.
+        WatchKeys streams would never finish by themselves: they end at once (callers resubscribe)."""
         await self.set_serving(False)
+        self.events.drain()
         await self.server.stop(grace)
 
     async def wait(self) -> None:

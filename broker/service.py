@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from datetime import timedelta
 
 import grpc
@@ -10,7 +11,10 @@ from keybroker.v1 import keybroker_pb2_grpc as pb_grpc
 
 from broker import validation as check
 from broker.auth import current_caller
-from broker.convert import duration, timestamp
+from broker.convert import timestamp
+from broker.errors import InvalidArgument
+from broker.events import KeyEvent, KeyEventHub
+from broker.key_reports import KeyReports
 from broker.keys import KeyService
 from broker.ledger import Ledger, UsageRecord
 from broker.money import format_usd
@@ -21,10 +25,15 @@ def caller_name() -> str:
     return caller.name if caller is not None else "anonymous"
 
 
+MAX_WATCHED_USERS = 1000
+
+
 class KeyBrokerService(pb_grpc.KeyBrokerServicer):
-    def __init__(self, keys: KeyService, ledger: Ledger) -> None:
+    def __init__(self, keys: KeyService, ledger: Ledger, events: KeyEventHub, reports: KeyReports) -> None:
         self.keys = keys
         self.ledger = ledger
+        self.events = events
+        self.reports = reports
 
     async def GetKey(self, request: pb.GetKeyRequest, context: grpc.aio.ServicerContext) -> pb.GetKeyResponse:
         user_id = check.user_id(request.user_id)
@@ -87,7 +96,7 @@ class KeyBrokerService(pb_grpc.KeyBrokerServicer):
         user_id = check.user_id(request.user_id)
         request_id = check.request_id(request.request_id)
         assert request_id is not None
-        grace = check.duration(duration(request.grace_period), "grace_period", check.MAX_GRACE)
+        grace = check.duration(request.grace_period, "grace_period", check.MAX_GRACE)
         rotation = await self.keys.rotate(user_id, request_id, grace, request.delete_old, caller_name())
         return pb.RotateKeyResponse(
             key_id=rotation.key_id,
@@ -95,6 +104,49 @@ class KeyBrokerService(pb_grpc.KeyBrokerServicer):
             previous_key_id=rotation.previous_key_id,
             previous_key_expire_time=timestamp(rotation.previous_key_expire_time),
         )
+
+    async def ReportKeyInvalid(
+        self, request: pb.ReportKeyInvalidRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ReportKeyInvalidResponse:
+        user_id = check.user_id(request.user_id)
+        key_id = check.key_id(request.key_id)
+        check.http_status(request.http_status)
+        result = await self.reports.report_invalid(user_id, key_id, caller_name())
+        return pb.ReportKeyInvalidResponse(
+            outcome=pb.KeyReportOutcome.Value(f"KEY_REPORT_OUTCOME_{result.outcome}"),
+            key_version=result.key_version,
+            key_id=result.key_id,
+        )
+
+    async def WatchKeys(
+        self, request: pb.WatchKeysRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.WatchKeysResponse]:
+        users = watched_users(request)
+        with self.events.subscribe(users) as subscription:
+            # Empty initial metadata tells the caller the subscription is live: every change
+            # committed from now on reaches this stream.
+            await context.send_initial_metadata(())
+            async for event in subscription:
+                yield pb.WatchKeysResponse(event=key_event(event))
+
+
+def watched_users(request: pb.WatchKeysRequest) -> frozenset[str] | None:
+    """The WatchKeys filter: None for every user."""
+    if len(request.user_ids) > MAX_WATCHED_USERS:
+        raise InvalidArgument("user_ids", f"must list at most {MAX_WATCHED_USERS} user ids")
+    users = frozenset(check.user_id(value, field="user_ids") for value in request.user_ids)
+    return users or None
+
+
+def key_event(event: KeyEvent) -> pb.KeyEvent:
+    return pb.KeyEvent(
+        type=pb.KeyEventType.Value(f"KEY_EVENT_TYPE_{event.kind}"),
+        user_id=event.user_id,
+        key_id=event.key_id,
+        key_version=event.key_version,
+        event_time=timestamp(event.event_time),
+        event_id=event.event_id,
+    )
 
 
 def usage_record(request: pb.RecordUsageRequest) -> UsageRecord:
@@ -107,7 +159,7 @@ def usage_record(request: pb.RecordUsageRequest) -> UsageRecord:
     prompt = check.tokens(request.prompt_tokens, "prompt_tokens")
     completion = check.tokens(request.completion_tokens, "completion_tokens")
     total = check.tokens(request.total_tokens, "total_tokens") or prompt + completion
-    call_time = check.duration(duration(request.duration), "duration", check.MAX_CALL_DURATION)
+    call_time = check.duration(request.duration, "duration", check.MAX_CALL_DURATION)
     return UsageRecord(
         user_id=user_id,
         request_id=request_id,

@@ -15,7 +15,7 @@ from broker.money import MoneyFormatError, parse_usd
 USER_ID = re.compile(r"^[A-Za-z0-9._:@-]{1,128}$")
 REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,200}$")
 TIER_NAME = re.compile(r"^[a-z0-9_]{1,32}$")
-MONTH = re.compile(r"^(\d{4})-(\d{2})$")
+MONTH = re.compile(r"([0-9]{4})-([0-9]{2})")
 MAX_TOKENS = 10**12
 MAX_TEXT = 200
 MAX_CALL_DURATION = timedelta(hours=24)

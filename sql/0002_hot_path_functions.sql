@@ -250,6 +250,10 @@ DECLARE
     v_amount numeric;
     v_period date;
 BEGIN
+    IF NOT EXISTS (SELECT 1 FROM users u WHERE u.user_id = p_user) THEN
+        RETURN QUERY SELECT false, 0::numeric;  -- nothing to release, and no row for strangers
+        RETURN;
+    END IF;
     PERFORM kb_lock_period(p_user, p_period);
     DELETE FROM reservations r
     WHERE r.user_id = p_user AND r.reservation_id = p_reservation_id AND r.expire_time > p_now

@@ -119,6 +119,7 @@ def broker_settings(database_url: str, sandbox: Sandbox, data_dir: Path, **overr
         openrouter_base_url=str(sandbox.base_url),
         token_cache_seconds=0,
         background_interval=timedelta(milliseconds=100),
+        reconcile_interval=timedelta(0),  # tests of the reconciler run it themselves
         shutdown_grace=2.0,
     ).with_overrides(**overrides)
 

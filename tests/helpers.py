@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import grpc
 from google.rpc import error_details_pb2, status_pb2
+
+from broker.app import open_runtime, serving
+from broker.clock import Clock
+from broker.sandbox import Sandbox
+
+if TYPE_CHECKING:
+    from tests.conftest import Broker
 
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
 
@@ -87,3 +98,73 @@ BROKER_TABLES = (
 async def row_counts(conn: asyncpg.Connection) -> dict[str, int]:
     """Rows in every table the broker writes."""
     return {table: await conn.fetchval(f"SELECT count(*) FROM {table}") for table in BROKER_TABLES}  # noqa: S608
+
+
+# Every table a key-broker RPC may write (caller tokens excepted: no RPC writes them).
+RPC_TABLES = (
+    "users", "api_keys", "usage_periods", "reservations", "usage_ledger", "audit_log", "key_events",
+    "key_intents",
+)  # fmt: skip
+
+
+async def table_counts(conn: asyncpg.Connection, tables: tuple[str, ...] = RPC_TABLES) -> dict[str, int]:
+    """Rows in each of `tables`, read in one statement (one consistent snapshot)."""
+    # Table names are constants of this module, never input.
+    columns = ", ".join(f"(SELECT count(*) FROM {table}) AS {table}" for table in tables)  # noqa: S608
+    row = await conn.fetchrow(f"SELECT {columns}")
+    return dict(row)
+
+
+@contextlib.asynccontextmanager
+async def fresh_database(admin_url: str) -> AsyncIterator[str]:
+    """A new database cloned from the migrated template (for fixtures wider than one test)."""
+    from tests.conftest import TEMPLATE, url_for_database
+
+    name = f"kbtest_{uuid.uuid4().hex[:12]}"
+    conn = await asyncpg.connect(admin_url)
+    try:
+        await conn.execute(f"CREATE DATABASE {name} TEMPLATE {TEMPLATE}")
+    finally:
+        await conn.close()
+    try:
+        yield url_for_database(admin_url, name)
+    finally:
+        conn = await asyncpg.connect(admin_url)
+        try:
+            await conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        finally:
+            await conn.close()
+
+
+@contextlib.asynccontextmanager
+async def running_broker(
+    database_url: str, sandbox: Sandbox, data_dir: Path, clock: Clock | None = None, **overrides: object
+) -> AsyncIterator[Broker]:
+    """A broker built as the `broker` fixture builds it, with other settings (any scope). Its tokens
+    have names of their own, so several brokers can share one database."""
+    from tests.conftest import Broker, TestClock, broker_settings
+
+    settings = broker_settings(database_url, sandbox, data_dir, **overrides)
+    suffix = uuid.uuid4().hex[:8]
+    async with open_runtime(settings, clock or TestClock()) as runtime, serving(runtime) as server:
+        admin = await runtime.authority.create(f"test-admin-{suffix}", "admin", "test")
+        agent = await runtime.authority.create(f"test-agent-{suffix}", "agent", "test")
+        target = f"127.0.0.1:{server.port}"
+        async with grpc.aio.insecure_channel(target) as channel:
+            yield Broker(runtime, server, target, channel, admin.token, agent.token)
+
+
+async def stream_outcome(call: Any, quiet_seconds: float = 0.5) -> grpc.aio.AioRpcError | None:
+    """How a server-streaming call starts: its error, or None once it is open (initial metadata came
+    and no error followed within `quiet_seconds`, or a message arrived). Cancels the call."""
+    try:
+        await asyncio.wait_for(call.initial_metadata(), 60)
+        try:
+            await asyncio.wait_for(call.read(), quiet_seconds)
+        except TimeoutError:
+            pass
+        return None
+    except grpc.aio.AioRpcError as error:
+        return error
+    finally:
+        call.cancel()

@@ -85,11 +85,15 @@ class AuditRow:
     details: str
 
 
-async def list_audit(db: Database, user_id: str | None, limit: int) -> list[AuditRow]:
+async def list_audit(
+    db: Database, user_id: str | None, limit: int, since: datetime | None = None
+) -> list[AuditRow]:
     rows = await db.fetch(
         """SELECT user_id, event_time, actor, action, details::text AS details FROM audit_log
-           WHERE $1::text IS NULL OR user_id = $1 ORDER BY event_time DESC LIMIT $2""",
+           WHERE ($1::text IS NULL OR user_id = $1) AND ($3::timestamptz IS NULL OR event_time >= $3)
+           ORDER BY event_time DESC LIMIT $2""",
         user_id,
         limit,
+        since,
     )
     return [AuditRow(**dict(row)) for row in rows]

@@ -22,6 +22,7 @@ from .errors import (
     UnavailableError,
     from_rpc_error,
 )
+from .watch import KeyEventStream
 
 __all__ = [
     "AuthenticationError",
@@ -30,6 +31,7 @@ __all__ = [
     "InvalidArgumentError",
     "KeyBrokerClient",
     "KeyDisabledError",
+    "KeyEventStream",
     "KeyExistsError",
     "KeybrokerClientError",
     "MonthlyLimitExceededError",

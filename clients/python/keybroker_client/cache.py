@@ -24,6 +24,9 @@ class KeyCache:
         self._max_entries = max_entries
         self._entries: OrderedDict[str, keybroker_pb2.GetKeyResponse] = OrderedDict()
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+        # Invalidations per user while a fetch is in flight: a GetKey that started before an
+        # invalidation may return the old key, and must not put it back (see ``put``).
+        self._invalidations: dict[str, int] = {}
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -43,7 +46,14 @@ class KeyCache:
         self._entries.move_to_end(user_id)
         return entry
 
-    def put(self, user_id: str, key: keybroker_pb2.GetKeyResponse) -> None:
+    def generation(self, user_id: str) -> int:
+        """Take before fetching; pass to ``put`` (only meaningful inside ``fetching``)."""
+        return self._invalidations.get(user_id, 0)
+
+    def put(self, user_id: str, key: keybroker_pb2.GetKeyResponse, generation: int | None = None) -> None:
+        """Cache ``key``, unless the user was invalidated since ``generation`` was taken."""
+        if generation is not None and self._invalidations.get(user_id, 0) != generation:
+            return
         self._entries[user_id] = key
         self._entries.move_to_end(user_id)
         while len(self._entries) > self._max_entries:
@@ -51,9 +61,13 @@ class KeyCache:
 
     def invalidate(self, user_id: str) -> None:
         self._entries.pop(user_id, None)
+        if user_id in self._locks:
+            self._invalidations[user_id] = self._invalidations.get(user_id, 0) + 1
 
     def clear(self) -> None:
         self._entries.clear()
+        for user_id in self._locks:
+            self._invalidations[user_id] = self._invalidations.get(user_id, 0) + 1
 
     @asynccontextmanager
     async def fetching(self, user_id: str) -> AsyncIterator[None]:
@@ -67,5 +81,6 @@ class KeyCache:
             lock, users = self._locks[user_id]
             if users == 1:
                 del self._locks[user_id]
+                self._invalidations.pop(user_id, None)
             else:
                 self._locks[user_id] = (lock, users - 1)

@@ -8,8 +8,10 @@ and a deadline; a failed call raises a ``KeybrokerClientError`` subclass (see ``
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
@@ -22,13 +24,15 @@ from . import messages
 from .cache import KeyCache
 from .chat import openrouter_chat
 from .cost import CostEstimator
-from .errors import from_rpc_error
+from .errors import UnavailableError, from_rpc_error
 from .messages import Money
+from .watch import KeyEventCallback, KeyEventStream, forget, run_key_watch, user_filter
 
 __all__ = ["KeyBrokerClient"]
 
 _Response = TypeVar("_Response", bound=Message)
-_Rpc = Callable[..., Awaitable[Any]]
+# A multicallable: awaited for a unary call, iterated for a server-streaming one.
+_Rpc = Callable[..., Any]
 
 
 class KeyBrokerClient:
@@ -59,6 +63,7 @@ class KeyBrokerClient:
         self._rpcs: dict[str, _Rpc] = {}
         self._keys = KeyCache(key_cache_size)
         self._http: httpx.AsyncClient | None = None
+        self._key_watch: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
         return f"KeyBrokerClient(target={self._target!r})"
@@ -73,6 +78,7 @@ class KeyBrokerClient:
 
     async def close(self) -> None:
         """Close the channel and the HTTP pool this client opened; safe to call twice."""
+        await self.stop_key_watch()
         channel, self._channel = self._channel, None
         self._rpcs.clear()
         http, self._http = self._http, None
@@ -163,6 +169,57 @@ class KeyBrokerClient:
         self._keys.invalidate(user_id)
         return response
 
+    async def watch_keys(
+        self, user_ids: Iterable[str] | None = None, *, timeout: float | None = None
+    ) -> KeyEventStream:
+        """Subscribe to key changes (``KeyEvent``: rotated, revoked, disabled, enabled, limit
+        changed...) of ``user_ids`` (None: every user), made on any broker replica.
+
+        Returns once the broker confirms the subscription: every change committed from then on
+        arrives. Iterate the stream with ``async for``; it has no deadline unless ``timeout`` is
+        given, ends when the broker drains, and raises ``UnavailableError`` when the connection
+        breaks or the reader falls behind. ``start_key_watch`` does all of that for the key cache.
+        """
+        request = keybroker_pb2.WatchKeysRequest(user_ids=sorted(user_filter(user_ids) or ()))
+        rpc = self._rpc("KeyBroker", "WatchKeys", keybroker_pb2.WatchKeysResponse, streaming=True)
+        call = rpc(request, timeout=timeout, metadata=self._metadata)
+        return await KeyEventStream.open(call, self._token, self._timeout)
+
+    async def start_key_watch(
+        self, user_ids: Iterable[str] | None = None, *, on_event: KeyEventCallback | None = None
+    ) -> None:
+        """Keep the key cache in step with the broker: a background task watches key events of
+        ``user_ids`` (None: every user) and drops the cached key of each event's user, then calls
+        ``on_event(event)``; it subscribes again with backoff whenever the stream ends or fails.
+
+        Returns once the first subscription is live. Raises when the broker refuses it (bad token,
+        bad filter); when the broker is unreachable it returns and the task keeps trying.
+        """
+        await self.stop_key_watch()
+        users = user_filter(user_ids)
+        first: KeyEventStream | None = None
+        try:
+            first = await self._open_key_watch(users)
+        except UnavailableError:
+            pass  # the task retries with backoff
+        else:
+            forget(self._keys, users)  # keys cached before now may predate a change
+        self._key_watch = asyncio.create_task(
+            run_key_watch(self._open_key_watch, self._keys, users, first, on_event),
+            name="keybroker-key-watch",
+        )
+
+    async def stop_key_watch(self) -> None:
+        """Stop the task of ``start_key_watch`` (if any); safe to call twice."""
+        task, self._key_watch = self._key_watch, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _open_key_watch(self, users: frozenset[str] | None) -> KeyEventStream:
+        return await self.watch_keys(users)
+
     # -- KeyBrokerAdmin ----------------------------------------------------------------------
 
     async def provision_key(
@@ -221,6 +278,50 @@ class KeyBrokerClient:
             "KeyBrokerAdmin", "GetKeyInfo", request, keybroker_pb2.GetKeyInfoResponse, timeout
         )
 
+    async def report_key_invalid(
+        self, user_id: str, key_id: str, http_status: int = 401, *, timeout: float | None = None
+    ) -> keybroker_pb2.ReportKeyInvalidResponse:
+        """Tell the broker OpenRouter refused this key; it rotates the key only if OpenRouter
+        confirms it dead. Drops the cached key of the user when the answer names a new version."""
+        request = keybroker_pb2.ReportKeyInvalidRequest(
+            user_id=user_id, key_id=key_id, http_status=http_status
+        )
+        reply: keybroker_pb2.ReportKeyInvalidResponse = await self._call(
+            "KeyBroker", "ReportKeyInvalid", request, keybroker_pb2.ReportKeyInvalidResponse, timeout
+        )
+        if reply.key_id != key_id:
+            self.invalidate_key(user_id)
+        return reply
+
+    async def reconcile(
+        self, *, dry_run: bool = False, timeout: float | None = 120.0
+    ) -> keybroker_pb2.ReconcileResponse:
+        """Compare OpenRouter's keys with the broker's and repair (admin)."""
+        request = keybroker_pb2.ReconcileRequest(dry_run=dry_run)
+        return await self._call(
+            "KeyBrokerAdmin", "Reconcile", request, keybroker_pb2.ReconcileResponse, timeout
+        )
+
+    async def rotate_keys(
+        self,
+        *,
+        older_than: datetime.timedelta = datetime.timedelta(0),
+        grace_period: datetime.timedelta = datetime.timedelta(0),
+        delete_old: bool = False,
+        dry_run: bool = False,
+        timeout: float | None = 300.0,
+    ) -> keybroker_pb2.RotateKeysResponse:
+        """Rotate every active key older than `older_than` (0: all), each with a grace (admin)."""
+        request = keybroker_pb2.RotateKeysRequest(
+            older_than=messages.duration(older_than),
+            grace_period=messages.duration(grace_period),
+            delete_old=delete_old,
+            dry_run=dry_run,
+        )
+        return await self._call(
+            "KeyBrokerAdmin", "RotateKeys", request, keybroker_pb2.RotateKeysResponse, timeout
+        )
+
     async def list_keys(
         self, *, page_size: int = 0, page_token: str = "", timeout: float | None = None
     ) -> keybroker_pb2.ListKeysResponse:
@@ -266,8 +367,9 @@ class KeyBrokerClient:
             cached = self._keys.get(user_id, current_version)
             if cached is not None:
                 return cached
+            generation = self._keys.generation(user_id)
             key = await self.get_key(user_id, timeout=timeout)
-            self._keys.put(user_id, key)
+            self._keys.put(user_id, key, generation)
             return key
 
     def invalidate_key(self, user_id: str) -> None:
@@ -299,14 +401,18 @@ class KeyBrokerClient:
 
     # -- Plumbing ----------------------------------------------------------------------------
 
-    def _rpc(self, service: str, method: str, response_type: type[Message]) -> _Rpc:
-        """The multicallable of ``/keybroker.v1.{service}/{method}``, made once per method."""
+    def _rpc(
+        self, service: str, method: str, response_type: type[Message], *, streaming: bool = False
+    ) -> _Rpc:
+        """The multicallable of ``/keybroker.v1.{service}/{method}``, made once per method
+        (``streaming``: a server-streaming RPC, whose call is iterated rather than awaited)."""
         path = method_path(service, method)
         rpc = self._rpcs.get(path)
         if rpc is None:
             if self._channel is None:
                 self._channel = self._open_channel()
-            rpc = self._channel.unary_unary(
+            factory = self._channel.unary_stream if streaming else self._channel.unary_unary
+            rpc = factory(
                 path,
                 request_serializer=_serialize,
                 response_deserializer=response_type.FromString,

@@ -1185,6 +1185,100 @@ class ReconcileFinding(_message.Message):
 Global___ReconcileFinding: _TypeAlias = ReconcileFinding  # noqa: Y015
 
 @_typing.final
+class RotateKeysRequest(_message.Message):
+    """Request of KeyBrokerAdmin.RotateKeys."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OLDER_THAN_FIELD_NUMBER: _builtins.int
+    GRACE_PERIOD_FIELD_NUMBER: _builtins.int
+    DELETE_OLD_FIELD_NUMBER: _builtins.int
+    DRY_RUN_FIELD_NUMBER: _builtins.int
+    delete_old: _builtins.bool
+    """Delete old keys at OpenRouter instead of disabling them."""
+    dry_run: _builtins.bool
+    """Only list the keys that would be rotated."""
+    @_builtins.property
+    def older_than(self) -> _duration_pb2.Duration:
+        """Rotate keys at least this old (0 to 3650 days); 0 rotates every active key."""
+
+    @_builtins.property
+    def grace_period(self) -> _duration_pb2.Duration:
+        """Grace period of each old key (0 to 30 days)."""
+
+    def __init__(
+        self,
+        *,
+        older_than: _duration_pb2.Duration | None = ...,
+        grace_period: _duration_pb2.Duration | None = ...,
+        delete_old: _builtins.bool = ...,
+        dry_run: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["grace_period", b"grace_period", "older_than", b"older_than"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delete_old", b"delete_old", "dry_run", b"dry_run", "grace_period", b"grace_period", "older_than", b"older_than"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RotateKeysRequest: _TypeAlias = RotateKeysRequest  # noqa: Y015
+
+@_typing.final
+class RotateKeysResponse(_message.Message):
+    """Response of KeyBrokerAdmin.RotateKeys."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROTATED_USER_IDS_FIELD_NUMBER: _builtins.int
+    FAILURES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def rotated_user_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Users whose key was rotated (or would be, with dry_run)."""
+
+    @_builtins.property
+    def failures(self) -> _containers.RepeatedCompositeFieldContainer[Global___RotateKeysFailure]:
+        """Users whose rotation failed, with the reason."""
+
+    def __init__(
+        self,
+        *,
+        rotated_user_ids: _abc.Iterable[_builtins.str] | None = ...,
+        failures: _abc.Iterable[Global___RotateKeysFailure] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["failures", b"failures", "rotated_user_ids", b"rotated_user_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RotateKeysResponse: _TypeAlias = RotateKeysResponse  # noqa: Y015
+
+@_typing.final
+class RotateKeysFailure(_message.Message):
+    """A user whose scheduled rotation failed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.str
+    """The end user."""
+    reason: _builtins.str
+    """The ErrorInfo reason of the failure (e.g. PROVIDER_UNAVAILABLE)."""
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RotateKeysFailure: _TypeAlias = RotateKeysFailure  # noqa: Y015
+
+@_typing.final
 class ModelUsage(_message.Message):
     """Usage of one model in a month."""
 

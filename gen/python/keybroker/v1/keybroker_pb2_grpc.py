@@ -436,6 +436,11 @@ class KeyBrokerAdminStub:
                 request_serializer=keybroker_dot_v1_dot_keybroker__pb2.ReconcileRequest.SerializeToString,
                 response_deserializer=keybroker_dot_v1_dot_keybroker__pb2.ReconcileResponse.FromString,
                 _registered_method=True)
+        self.RotateKeys = channel.unary_unary(
+                '/keybroker.v1.KeyBrokerAdmin/RotateKeys',
+                request_serializer=keybroker_dot_v1_dot_keybroker__pb2.RotateKeysRequest.SerializeToString,
+                response_deserializer=keybroker_dot_v1_dot_keybroker__pb2.RotateKeysResponse.FromString,
+                _registered_method=True)
 
 
 class KeyBrokerAdminServicer:
@@ -503,6 +508,16 @@ class KeyBrokerAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RotateKeys(self, request, context):
+        """Rotates every active key created before now - older_than (all active keys when older_than
+        is 0), each with the given grace period: for scheduled rotation from cron. Users whose
+        rotation fails are reported, not retried here.
+        Errors: INVALID_ARGUMENT (INVALID_ARGUMENT).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KeyBrokerAdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -540,6 +555,11 @@ def add_KeyBrokerAdminServicer_to_server(servicer, server):
                     servicer.Reconcile,
                     request_deserializer=keybroker_dot_v1_dot_keybroker__pb2.ReconcileRequest.FromString,
                     response_serializer=keybroker_dot_v1_dot_keybroker__pb2.ReconcileResponse.SerializeToString,
+            ),
+            'RotateKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateKeys,
+                    request_deserializer=keybroker_dot_v1_dot_keybroker__pb2.RotateKeysRequest.FromString,
+                    response_serializer=keybroker_dot_v1_dot_keybroker__pb2.RotateKeysResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -732,6 +752,33 @@ class KeyBrokerAdmin:
             '/keybroker.v1.KeyBrokerAdmin/Reconcile',
             keybroker_dot_v1_dot_keybroker__pb2.ReconcileRequest.SerializeToString,
             keybroker_dot_v1_dot_keybroker__pb2.ReconcileResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keybroker.v1.KeyBrokerAdmin/RotateKeys',
+            keybroker_dot_v1_dot_keybroker__pb2.RotateKeysRequest.SerializeToString,
+            keybroker_dot_v1_dot_keybroker__pb2.RotateKeysResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -280,6 +280,12 @@ class KeyBrokerAdminStub:
     retirements done; spend drift above the tolerance is reported.
     Errors: UNAVAILABLE (PROVIDER_UNAVAILABLE).
     """
+    RotateKeys: _grpc.UnaryUnaryMultiCallable[_keybroker_pb2.RotateKeysRequest, _keybroker_pb2.RotateKeysResponse]
+    """Rotates every active key created before now - older_than (all active keys when older_than
+    is 0), each with the given grace period: for scheduled rotation from cron. Users whose
+    rotation fails are reported, not retried here.
+    Errors: INVALID_ARGUMENT (INVALID_ARGUMENT).
+    """
 
 @_typing.type_check_only
 class KeyBrokerAdminAsyncStub(KeyBrokerAdminStub):
@@ -318,6 +324,12 @@ class KeyBrokerAdminAsyncStub(KeyBrokerAdminStub):
     OpenRouter rotated, provider limits re-synced, unfinished intents rolled back, overdue
     retirements done; spend drift above the tolerance is reported.
     Errors: UNAVAILABLE (PROVIDER_UNAVAILABLE).
+    """
+    RotateKeys: _aio.UnaryUnaryMultiCallable[_keybroker_pb2.RotateKeysRequest, _keybroker_pb2.RotateKeysResponse]  # type: ignore[assignment]
+    """Rotates every active key created before now - older_than (all active keys when older_than
+    is 0), each with the given grace period: for scheduled rotation from cron. Users whose
+    rotation fails are reported, not retried here.
+    Errors: INVALID_ARGUMENT (INVALID_ARGUMENT).
     """
 
 class KeyBrokerAdminServicer(metaclass=_abc_1.ABCMeta):
@@ -396,6 +408,18 @@ class KeyBrokerAdminServicer(metaclass=_abc_1.ABCMeta):
         OpenRouter rotated, provider limits re-synced, unfinished intents rolled back, overdue
         retirements done; spend drift above the tolerance is reported.
         Errors: UNAVAILABLE (PROVIDER_UNAVAILABLE).
+        """
+
+    @_abc_1.abstractmethod
+    def RotateKeys(
+        self,
+        request: _keybroker_pb2.RotateKeysRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_keybroker_pb2.RotateKeysResponse, _abc.Awaitable[_keybroker_pb2.RotateKeysResponse]]:
+        """Rotates every active key created before now - older_than (all active keys when older_than
+        is 0), each with the given grace period: for scheduled rotation from cron. Users whose
+        rotation fails are reported, not retried here.
+        Errors: INVALID_ARGUMENT (INVALID_ARGUMENT).
         """
 
 def add_KeyBrokerAdminServicer_to_server(servicer: KeyBrokerAdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
