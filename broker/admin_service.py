@@ -49,6 +49,9 @@ class KeyBrokerAdminService(pb_grpc.KeyBrokerAdminServicer):
         clear_limit = request.HasField("monthly_limit_usd") and request.monthly_limit_usd == ""
         limit = check.usd(request.monthly_limit_usd, "monthly_limit_usd")
         disabled = request.disabled if request.HasField("disabled") else None
+        rpm = None
+        if request.HasField("requests_per_minute"):
+            rpm = check.bounded(request.requests_per_minute, "requests_per_minute", 0, 1_000_000)
         user = await self.keys.update(
             user_id,
             caller_name(),
@@ -56,6 +59,7 @@ class KeyBrokerAdminService(pb_grpc.KeyBrokerAdminServicer):
             custom_limit=limit,
             clear_custom_limit=clear_limit,
             disabled=disabled,
+            requests_per_minute=rpm,
         )
         return pb.UpdateKeyResponse(key=key_info(user))
 

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 
-from broker import crypto, embedded
+from broker import crypto, embedded, tls
 from broker.auth import TokenAuthority
 from broker.background import BackgroundTasks, broker_tasks
 from broker.clock import Clock, system_clock
@@ -26,6 +26,7 @@ from broker.openrouter import OpenRouterClient
 from broker.reconcile import Reconciler
 from broker.reseal import verify_master_key
 from broker.server import BrokerServer
+from broker.user_binding import UserBinding
 
 log = logging.getLogger("keybroker")
 
@@ -95,7 +96,7 @@ async def open_runtime(
             ring=ring,
             provider=provider,
             keys=keys,
-            ledger=Ledger(db, clock, settings.reservation_ttl),
+            ledger=Ledger(db, clock, settings.reservation_ttl, settings.alert_thresholds),
             authority=TokenAuthority(db, clock, settings.token_cache_seconds),
             reports=KeyReports(keys, settings.invalid_report_interval),
             reconciler=Reconciler(keys, settings.drift_tolerance_usd),
@@ -124,6 +125,9 @@ async def _sandbox(management_key: str) -> AsyncIterator[str]:
 @asynccontextmanager
 async def serving(runtime: Runtime) -> AsyncIterator[BrokerServer]:
     """The gRPC server and background tasks, running until the block exits (then drained)."""
+    # Read the certificate and JWKS files first: a bad file is a ConfigError before anything starts.
+    credentials = tls.server_credentials(runtime.settings)
+    user_binding = UserBinding.from_settings(runtime.settings)
     events = KeyEventHub(runtime.db, poll_interval=runtime.settings.event_poll_interval.total_seconds())
     await events.start()
     try:
@@ -134,8 +138,9 @@ async def serving(runtime: Runtime) -> AsyncIterator[BrokerServer]:
             events,
             runtime.reports,
             runtime.reconciler,
+            user_binding=user_binding,
         )
-        port = await server.start(runtime.settings.listen)
+        port = await server.start(runtime.settings.listen, credentials)
         tasks = BackgroundTasks(
             broker_tasks(runtime.settings, runtime.keys, runtime.ledger, runtime.reconciler),
             runtime.leases,

@@ -61,8 +61,33 @@ class Settings:
     rotate_grace: timedelta = timedelta(hours=1)
     # ReportKeyInvalid checks a user's key at OpenRouter at most once per this interval.
     invalid_report_interval: timedelta = timedelta(seconds=60)
+    # Usage alerts: percentages of the monthly limit that fire once per month each.
+    alert_thresholds: tuple[Decimal, ...] = (Decimal(80), Decimal(100))
+    # Webhook URLs (Slack incoming webhooks or any JSON receiver) that get every alert.
+    alert_webhooks: tuple[str, ...] = ()
+    # ANOMALY when spend in the current hour > factor x trailing hourly average and > floor.
+    anomaly_factor: Decimal = Decimal(5)
+    anomaly_floor_usd: Decimal = Decimal(1)
     # Caller token the command line uses for gRPC commands (KEYBROKER_TOKEN).
     cli_token: str | None = None
+    # Transport security (see broker/tls.py). Server: certificate chain and key (both or neither);
+    # a client CA turns on mutual TLS (every client must present a certificate it signed).
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    # Command line (gRPC commands): the CA to trust for the server, and an optional client cert/key.
+    tls_ca: Path | None = None
+    tls_client_cert: Path | None = None
+    tls_client_key: Path | None = None
+    # End-user binding (see broker/user_binding.py): with an HS256 secret and/or a JWKS file,
+    # GetKey and CheckLimit require an `x-user-jwt` whose `sub` is the request's user_id.
+    user_jwt_secret: str | None = None
+    user_jwks_file: Path | None = None
+    user_jwt_audience: str | None = None
+    user_jwt_leeway: timedelta = timedelta(seconds=30)
+
+    def __post_init__(self) -> None:
+        _check_pairs(self)
 
     def __repr__(self) -> str:  # never show secrets
         return (
@@ -77,6 +102,10 @@ class Settings:
     @property
     def uses_sandbox(self) -> bool:
         return self.management_key is None
+
+    @property
+    def user_binding(self) -> bool:
+        return self.user_jwt_secret is not None or self.user_jwks_file is not None
 
     def with_overrides(self, **changes: object) -> Settings:
         return replace(self, **changes)  # type: ignore[arg-type]
@@ -127,6 +156,12 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         ),
         shutdown_grace=_float(env, "KEYBROKER_SHUTDOWN_GRACE", defaults.shutdown_grace),
         cli_token=get("KEYBROKER_TOKEN"),
+        alert_thresholds=_thresholds(env, "KEYBROKER_ALERT_THRESHOLDS", defaults.alert_thresholds),
+        alert_webhooks=tuple(
+            url.strip() for url in (get("KEYBROKER_ALERT_WEBHOOKS") or "").split(",") if url.strip()
+        ),
+        anomaly_factor=_usd(env, "KEYBROKER_ANOMALY_FACTOR", defaults.anomaly_factor),
+        anomaly_floor_usd=_usd(env, "KEYBROKER_ANOMALY_FLOOR_USD", defaults.anomaly_floor_usd),
         intent_timeout=_positive_duration(env, "KEYBROKER_INTENT_TIMEOUT", defaults.intent_timeout),
         reconcile_interval=_duration(env, "KEYBROKER_RECONCILE_INTERVAL", defaults.reconcile_interval),
         drift_tolerance_usd=_usd(env, "KEYBROKER_DRIFT_TOLERANCE_USD", defaults.drift_tolerance_usd),
@@ -135,7 +170,51 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         invalid_report_interval=_duration(
             env, "KEYBROKER_INVALID_REPORT_INTERVAL", defaults.invalid_report_interval
         ),
+        tls_cert=_path(get("KEYBROKER_TLS_CERT")),
+        tls_key=_path(get("KEYBROKER_TLS_KEY")),
+        tls_client_ca=_path(get("KEYBROKER_TLS_CLIENT_CA")),
+        tls_ca=_path(get("KEYBROKER_TLS_CA")),
+        tls_client_cert=_path(get("KEYBROKER_TLS_CLIENT_CERT")),
+        tls_client_key=_path(get("KEYBROKER_TLS_CLIENT_KEY")),
+        user_jwt_secret=get("KEYBROKER_USER_JWT_SECRET"),
+        user_jwks_file=_path(get("KEYBROKER_USER_JWKS_FILE")),
+        user_jwt_audience=get("KEYBROKER_USER_JWT_AUDIENCE"),
+        user_jwt_leeway=_duration(env, "KEYBROKER_USER_JWT_LEEWAY", defaults.user_jwt_leeway),
     )
+
+
+def _path(value: str | None) -> Path | None:
+    return Path(value) if value else None
+
+
+# HS256 keys shorter than the hash are weak (RFC 7518 section 3.2); Supabase's secrets are longer.
+MIN_JWT_SECRET_BYTES = 32
+
+
+def _check_pairs(settings: Settings) -> None:
+    """Settings that only make sense together (checked however Settings is built). The messages
+    name the variables, never a value."""
+    if (settings.tls_cert is None) != (settings.tls_key is None):
+        raise ConfigError(
+            "KEYBROKER_TLS_CERT and KEYBROKER_TLS_KEY go together: set both (the server's certificate "
+            "chain and its private key, PEM files) or neither"
+        )
+    if settings.tls_client_ca is not None and settings.tls_cert is None:
+        raise ConfigError(
+            "KEYBROKER_TLS_CLIENT_CA needs KEYBROKER_TLS_CERT and KEYBROKER_TLS_KEY: client "
+            "certificates are checked only over TLS"
+        )
+    if (settings.tls_client_cert is None) != (settings.tls_client_key is None):
+        raise ConfigError(
+            "KEYBROKER_TLS_CLIENT_CERT and KEYBROKER_TLS_CLIENT_KEY go together: set both or neither"
+        )
+    if settings.tls_client_cert is not None and settings.tls_ca is None:
+        raise ConfigError(
+            "KEYBROKER_TLS_CLIENT_CERT needs KEYBROKER_TLS_CA (the CA that signed the broker's certificate)"
+        )
+    secret = settings.user_jwt_secret
+    if secret is not None and len(secret.encode()) < MIN_JWT_SECRET_BYTES:
+        raise ConfigError(f"KEYBROKER_USER_JWT_SECRET: must be at least {MIN_JWT_SECRET_BYTES} bytes")
 
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d)?$")
@@ -166,6 +245,21 @@ def _positive_duration(env: Mapping[str, str], name: str, default: timedelta) ->
     if value <= timedelta(0):
         raise ConfigError(f"{name}: must be greater than zero")
     return value
+
+
+def _thresholds(
+    env: Mapping[str, str], name: str, default: tuple[Decimal, ...]
+) -> tuple[Decimal, ...]:
+    raw = env.get(name)
+    if not raw:
+        return default
+    try:
+        values = sorted({parse_usd(part.strip()) for part in raw.split(",") if part.strip()})
+    except MoneyFormatError:
+        raise ConfigError(f"{name}: give percentages such as 80,100") from None
+    if not values or values[0] <= 0 or values[-1] > 1000:
+        raise ConfigError(f"{name}: percentages must be between 0 and 1000")
+    return tuple(values)
 
 
 def _usd(env: Mapping[str, str], name: str, default: Decimal) -> Decimal:

@@ -48,4 +48,5 @@ def key_info(user: UserKey) -> pb.KeyInfo:
         create_time=timestamp(user.create_time),
         rotate_time=timestamp(user.rotate_time),
         custom_limit_usd=format_usd(user.custom_limit_usd),
+        requests_per_minute=user.requests_per_minute or 0,
     )

@@ -67,6 +67,17 @@ class MonthlyLimitExceeded(KeybrokerError):
         self.user_id = user_id
 
 
+class RateLimited(KeybrokerError):
+    """The user's requests-per-minute limit is used up until the next minute."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "RATE_LIMITED"
+
+    def __init__(self, user_id: str, retry_after_seconds: float) -> None:
+        super().__init__("the user's request rate limit is used up; retry later", user_id=user_id)
+        self.retry_after_seconds = retry_after_seconds
+
+
 class KeyDisabled(KeybrokerError):
     code = grpc.StatusCode.FAILED_PRECONDITION
     reason = "KEY_DISABLED"
@@ -107,6 +118,13 @@ class Unauthenticated(KeybrokerError):
 class PermissionDenied(KeybrokerError):
     code = grpc.StatusCode.PERMISSION_DENIED
     reason = "PERMISSION_DENIED"
+
+
+class UserBindingFailed(PermissionDenied):
+    """End-user binding is on and the call's `x-user-jwt` is missing, invalid or for another user.
+    The message says which check failed and never contains the token."""
+
+    reason = "USER_BINDING_FAILED"
 
 
 class Unavailable(KeybrokerError):
@@ -185,7 +203,7 @@ def to_rpc_status(error: KeybrokerError) -> RpcStatus:
             subject=f"user:{error.user_id}", description=error.message
         )
         details.append(_pack(error_details_pb2.QuotaFailure(violations=[violation])))
-    if isinstance(error, Unavailable):
+    if isinstance(error, (Unavailable, RateLimited)):
         delay = duration_pb2.Duration()
         delay.FromNanoseconds(int(error.retry_after_seconds * 1e9))
         details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))

@@ -31,8 +31,10 @@ from broker.errors import (
     NoApiKey,
     ProviderError,
     ProviderKeyNotFound,
+    RateLimited,
     RequestInProgress,
 )
+from broker.ledger import seconds_to_next_minute
 from broker.openrouter import OpenRouterClient
 from broker.provisioning import IntentBusy, KeyMinter, Minted
 from broker.storage import intents_store, keys_store
@@ -100,6 +102,8 @@ class KeyService:
             raise NoApiKey(user_id)
         if found.outcome == "disabled":
             raise KeyDisabled(user_id)
+        if found.outcome == "rate_limited":
+            raise RateLimited(user_id, seconds_to_next_minute(now))
         if found.outcome == "limit":
             assert found.limit_usd is not None
             raise MonthlyLimitExceeded(user_id, found.limit_usd, found.spent_usd)
@@ -219,6 +223,7 @@ class KeyService:
         custom_limit: Decimal | None = None,
         clear_custom_limit: bool = False,
         disabled: bool | None = None,
+        requests_per_minute: int | None = None,
     ) -> UserKey:
         current = await self.info(user_id)
         if current.status == "revoked":
@@ -241,10 +246,19 @@ class KeyService:
                 "clear_custom_limit": clear_custom_limit,
                 "disabled": disabled,
                 "limit_usd": new_limit,
+                "requests_per_minute": requests_per_minute,
             },
         )
         await keys_store.update_settings(
-            self.db, user_id, self.clock(), event, tier, custom_limit, clear_custom_limit, disabled
+            self.db,
+            user_id,
+            self.clock(),
+            event,
+            tier,
+            custom_limit,
+            clear_custom_limit,
+            disabled,
+            requests_per_minute,
         )
         return await self.info(user_id)
 

@@ -14,7 +14,7 @@ from decimal import Decimal
 
 from broker.clock import Clock, period_end, period_start
 from broker.db import Database
-from broker.errors import KeyDisabled, NoApiKey
+from broker.errors import KeyDisabled, NoApiKey, RateLimited
 from broker.storage import ledger_store
 from broker.storage.ledger_store import GroupTotals, UsageRecord, UsageTotals
 
@@ -55,11 +55,23 @@ class UsageSummary:
     by_agent: list[GroupTotals]
 
 
+def seconds_to_next_minute(now: datetime) -> float:
+    """When a fixed one-minute rate window ends (RetryInfo of RATE_LIMITED)."""
+    return 60.0 - now.second - now.microsecond / 1e6
+
+
 class Ledger:
-    def __init__(self, db: Database, clock: Clock, reservation_ttl: timedelta) -> None:
+    def __init__(
+        self,
+        db: Database,
+        clock: Clock,
+        reservation_ttl: timedelta,
+        alert_thresholds: tuple[Decimal, ...] = (),
+    ) -> None:
         self.db = db
         self.clock = clock
         self.reservation_ttl = reservation_ttl
+        self.alert_thresholds = alert_thresholds
 
     async def check_limit(
         self, user_id: str, estimate: Decimal | None, request_id: str | None
@@ -73,6 +85,8 @@ class Ledger:
             raise NoApiKey(user_id)
         if row.outcome == "disabled":
             raise KeyDisabled(user_id)
+        if row.outcome == "rate_limited":
+            raise RateLimited(user_id, seconds_to_next_minute(now))
         return CheckResult(
             allowed=row.allowed,
             limit_usd=row.limit_usd,
@@ -86,7 +100,9 @@ class Ledger:
 
     async def record_usage(self, usage: UsageRecord) -> UsageResult:
         now = self.clock()
-        row = await ledger_store.record_usage(self.db, usage, now, period_start(now))
+        row = await ledger_store.record_usage(
+            self.db, usage, now, period_start(now), self.alert_thresholds
+        )
         if row.outcome == "no_key":
             raise NoApiKey(usage.user_id)
         return UsageResult(row.duplicate, row.spent_usd, row.remaining_usd, row.over_limit)

@@ -116,3 +116,9 @@ def http_status(value: int, field: str = "http_status") -> int:
     if not 100 <= value <= 599:
         raise InvalidArgument(field, "must be an HTTP status code between 100 and 599")
     return value
+
+
+def bounded(value: int, field: str, low: int, high: int) -> int:
+    if not low <= value <= high:
+        raise InvalidArgument(field, f"must be between {low} and {high}")
+    return value

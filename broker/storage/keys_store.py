@@ -21,7 +21,8 @@ _KEY_INFO = """
            coalesce(u.custom_limit_usd, t.monthly_limit_usd) AS limit_usd,
            u.disabled, u.create_time, k.key_id, k.key_version, k.status, k.provider_name,
            k.create_time AS rotate_time, k.limit_base_usd, k.limit_base_period,
-           coalesce(p.spent_usd, 0) AS spent_usd, coalesce(p.reserved_usd, 0) AS reserved_usd
+           coalesce(p.spent_usd, 0) AS spent_usd, coalesce(p.reserved_usd, 0) AS reserved_usd,
+           coalesce(u.custom_requests_per_minute, t.requests_per_minute) AS requests_per_minute
     FROM users u
     JOIN tiers t ON t.name = u.tier
     JOIN api_keys k ON k.user_id = u.user_id AND k.key_version = u.current_key_version
@@ -48,6 +49,7 @@ class UserKey:
     limit_base_period: date
     spent_usd: Decimal
     reserved_usd: Decimal
+    requests_per_minute: int | None
 
 
 @dataclass(frozen=True)
@@ -314,15 +316,19 @@ async def update_settings(
     custom_limit: Decimal | None = None,
     clear_custom_limit: bool = False,
     disabled: bool | None = None,
+    requests_per_minute: int | None = None,
 ) -> bool:
-    """Change a user's settings; the audit row and the key events go in the same transaction."""
+    """Change a user's settings; the audit row and the key events go in the same transaction.
+    requests_per_minute: None leaves it, 0 removes the custom limit, n sets it."""
     async with db.transaction() as conn:
         row = await conn.fetchrow(
             """UPDATE users u SET
                    tier = coalesce($2, u.tier),
                    custom_limit_usd = CASE WHEN $4 THEN NULL ELSE coalesce($3, u.custom_limit_usd) END,
                    disabled = coalesce($5, u.disabled),
-                   update_time = $6
+                   update_time = $6,
+                   custom_requests_per_minute = CASE WHEN $7::integer IS NULL
+                       THEN u.custom_requests_per_minute ELSE nullif($7::integer, 0) END
                FROM (SELECT tier, custom_limit_usd, disabled FROM users
                      WHERE user_id = $1 FOR UPDATE) old
                WHERE u.user_id = $1
@@ -336,6 +342,7 @@ async def update_settings(
             clear_custom_limit,
             disabled,
             now,
+            requests_per_minute,
         )
         if row is None:
             return False

@@ -100,11 +100,17 @@ class UsageRecord:
     duration_ms: int
 
 
-async def record_usage(db: Database, usage: UsageRecord, now: datetime, period: date) -> UsageRow:
+async def record_usage(
+    db: Database,
+    usage: UsageRecord,
+    now: datetime,
+    period: date,
+    thresholds: tuple[Decimal, ...] = (),
+) -> UsageRow:
     async def call(conn: asyncpg.Connection) -> asyncpg.Record | None:
         try:
             return await conn.fetchrow(
-                "SELECT * FROM kb_record_usage($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+                "SELECT * FROM kb_record_usage($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
                 usage.user_id,
                 usage.request_id,
                 usage.reservation_id,
@@ -117,6 +123,7 @@ async def record_usage(db: Database, usage: UsageRecord, now: datetime, period: 
                 usage.duration_ms,
                 now,
                 period,
+                list(thresholds),
             )
         except asyncpg.RaiseError as exc:
             if exc.sqlstate == "KB409":
@@ -165,36 +172,29 @@ async def period_totals(db: Database, user_id: str, period: date, now: datetime)
 async def usage_summary(
     db: Database, user_id: str, period: date
 ) -> tuple[UsageTotals, list[GroupTotals], list[GroupTotals]]:
-    async with db.connection() as conn:
-        total = await conn.fetchrow(
-            """SELECT count(*) AS requests, coalesce(sum(total_tokens), 0) AS tokens,
-                      coalesce(sum(prompt_tokens), 0) AS prompt_tokens,
-                      coalesce(sum(completion_tokens), 0) AS completion_tokens,
-                      coalesce(sum(cost_usd), 0) AS cost_usd
-               FROM usage_ledger WHERE user_id = $1 AND period_start = $2""",
-            user_id,
-            period,
-        )
-        groups = await conn.fetch(
-            """SELECT grouping(model) AS by_agent, coalesce(model, agent) AS name,
-                      count(*) AS requests, sum(total_tokens) AS tokens, sum(cost_usd) AS cost_usd
-               FROM usage_ledger WHERE user_id = $1 AND period_start = $2
-               GROUP BY GROUPING SETS ((model), (agent))
-               ORDER BY sum(cost_usd) DESC, 2""",
-            user_id,
-            period,
-        )
-    assert total is not None
-    totals = UsageTotals(
-        int(total["requests"]),
-        int(total["tokens"]),
-        int(total["prompt_tokens"]),
-        int(total["completion_tokens"]),
-        total["cost_usd"],
+    """A month's totals and breakdowns, from the daily roll-ups (fast on any ledger size)."""
+    rows = await db.fetch(
+        """SELECT grouping(model) AS by_agent, coalesce(model, agent) AS name,
+                  sum(requests) AS requests, sum(total_tokens) AS tokens,
+                  sum(prompt_tokens) AS prompt_tokens, sum(completion_tokens) AS completion_tokens,
+                  sum(cost_usd) AS cost_usd
+           FROM usage_daily
+           WHERE user_id = $1 AND day >= $2 AND day < ($2 + interval '1 month')::date
+           GROUP BY GROUPING SETS ((model), (agent))
+           ORDER BY sum(cost_usd) DESC, 2""",
+        user_id,
+        period,
     )
     by_model: list[GroupTotals] = []
     by_agent: list[GroupTotals] = []
-    for row in groups:
+    for row in rows:
         group = GroupTotals(row["name"], int(row["requests"]), int(row["tokens"]), row["cost_usd"])
         (by_agent if row["by_agent"] else by_model).append(group)
+    totals = UsageTotals(
+        requests=int(sum(r["requests"] for r in rows if not r["by_agent"])),
+        tokens=int(sum(r["tokens"] for r in rows if not r["by_agent"])),
+        prompt_tokens=int(sum(r["prompt_tokens"] for r in rows if not r["by_agent"])),
+        completion_tokens=int(sum(r["completion_tokens"] for r in rows if not r["by_agent"])),
+        cost_usd=sum((r["cost_usd"] for r in rows if not r["by_agent"]), Decimal(0)),
+    )
     return totals, by_model, by_agent

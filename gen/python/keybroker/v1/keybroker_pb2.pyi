@@ -149,6 +149,54 @@ RECONCILE_FINDING_KIND_STALE_INTENT: ReconcileFindingKind.ValueType  # 7
 """An unfinished key creation (a crashed provisioning or rotation): rolled back."""
 Global___ReconcileFindingKind: _TypeAlias = ReconcileFindingKind  # noqa: Y015
 
+class _AlertKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AlertKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AlertKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ALERT_KIND_UNSPECIFIED: _AlertKind.ValueType  # 0
+    """Not used (no filter in ListAlertsRequest)."""
+    ALERT_KIND_THRESHOLD: _AlertKind.ValueType  # 1
+    """Spend this month crossed a percentage of the limit (threshold_percent)."""
+    ALERT_KIND_ANOMALY: _AlertKind.ValueType  # 2
+    """Spend in the last hour is far above the user's trailing hourly average."""
+
+class AlertKind(_AlertKind, metaclass=_AlertKindEnumTypeWrapper):
+    """Kinds of usage alert."""
+
+ALERT_KIND_UNSPECIFIED: AlertKind.ValueType  # 0
+"""Not used (no filter in ListAlertsRequest)."""
+ALERT_KIND_THRESHOLD: AlertKind.ValueType  # 1
+"""Spend this month crossed a percentage of the limit (threshold_percent)."""
+ALERT_KIND_ANOMALY: AlertKind.ValueType  # 2
+"""Spend in the last hour is far above the user's trailing hourly average."""
+Global___AlertKind: _TypeAlias = AlertKind  # noqa: Y015
+
+class _CostReportKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _CostReportKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CostReportKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    COST_REPORT_KIND_UNSPECIFIED: _CostReportKind.ValueType  # 0
+    """Not used; INVALID_ARGUMENT."""
+    COST_REPORT_KIND_DAILY: _CostReportKind.ValueType  # 1
+    """One UTC day: cost, requests and tokens per user and model."""
+    COST_REPORT_KIND_MONTHLY: _CostReportKind.ValueType  # 2
+    """One month: per user spend against the limit, percentage used, top models."""
+
+class CostReportKind(_CostReportKind, metaclass=_CostReportKindEnumTypeWrapper):
+    """Kinds of cost report."""
+
+COST_REPORT_KIND_UNSPECIFIED: CostReportKind.ValueType  # 0
+"""Not used; INVALID_ARGUMENT."""
+COST_REPORT_KIND_DAILY: CostReportKind.ValueType  # 1
+"""One UTC day: cost, requests and tokens per user and model."""
+COST_REPORT_KIND_MONTHLY: CostReportKind.ValueType  # 2
+"""One month: per user spend against the limit, percentage used, top models."""
+Global___CostReportKind: _TypeAlias = CostReportKind  # noqa: Y015
+
 class _KeyStatus:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -789,6 +837,7 @@ class UpdateKeyRequest(_message.Message):
     TIER_FIELD_NUMBER: _builtins.int
     MONTHLY_LIMIT_USD_FIELD_NUMBER: _builtins.int
     DISABLED_FIELD_NUMBER: _builtins.int
+    REQUESTS_PER_MINUTE_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
     """The end user. Required; 1-128 characters of [A-Za-z0-9._:@-]."""
     tier: _builtins.str
@@ -799,6 +848,10 @@ class UpdateKeyRequest(_message.Message):
     """
     disabled: _builtins.bool
     """true suspends the key (GetKey answers KEY_DISABLED, OpenRouter refuses it); false resumes it."""
+    requests_per_minute: _builtins.int
+    """Custom limit of GetKey + CheckLimit calls per minute for this user, 1-1000000; 0 removes it
+    so the tier's default (if any) applies. Past it: RESOURCE_EXHAUSTED RATE_LIMITED + RetryInfo.
+    """
     def __init__(
         self,
         *,
@@ -806,21 +859,26 @@ class UpdateKeyRequest(_message.Message):
         tier: _builtins.str | None = ...,
         monthly_limit_usd: _builtins.str | None = ...,
         disabled: _builtins.bool | None = ...,
+        requests_per_minute: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_disabled", b"_disabled", "_monthly_limit_usd", b"_monthly_limit_usd", "_tier", b"_tier", "disabled", b"disabled", "monthly_limit_usd", b"monthly_limit_usd", "tier", b"tier"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_disabled", b"_disabled", "_monthly_limit_usd", b"_monthly_limit_usd", "_requests_per_minute", b"_requests_per_minute", "_tier", b"_tier", "disabled", b"disabled", "monthly_limit_usd", b"monthly_limit_usd", "requests_per_minute", b"requests_per_minute", "tier", b"tier"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_disabled", b"_disabled", "_monthly_limit_usd", b"_monthly_limit_usd", "_tier", b"_tier", "disabled", b"disabled", "monthly_limit_usd", b"monthly_limit_usd", "tier", b"tier", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_disabled", b"_disabled", "_monthly_limit_usd", b"_monthly_limit_usd", "_requests_per_minute", b"_requests_per_minute", "_tier", b"_tier", "disabled", b"disabled", "monthly_limit_usd", b"monthly_limit_usd", "requests_per_minute", b"requests_per_minute", "tier", b"tier", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__disabled: _TypeAlias = _typing.Literal["disabled"]  # noqa: Y015
     _WhichOneofArgType__disabled: _TypeAlias = _typing.Literal["_disabled", b"_disabled"]  # noqa: Y015
     _WhichOneofReturnType__monthly_limit_usd: _TypeAlias = _typing.Literal["monthly_limit_usd"]  # noqa: Y015
     _WhichOneofArgType__monthly_limit_usd: _TypeAlias = _typing.Literal["_monthly_limit_usd", b"_monthly_limit_usd"]  # noqa: Y015
+    _WhichOneofReturnType__requests_per_minute: _TypeAlias = _typing.Literal["requests_per_minute"]  # noqa: Y015
+    _WhichOneofArgType__requests_per_minute: _TypeAlias = _typing.Literal["_requests_per_minute", b"_requests_per_minute"]  # noqa: Y015
     _WhichOneofReturnType__tier: _TypeAlias = _typing.Literal["tier"]  # noqa: Y015
     _WhichOneofArgType__tier: _TypeAlias = _typing.Literal["_tier", b"_tier"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__disabled) -> _WhichOneofReturnType__disabled | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__monthly_limit_usd) -> _WhichOneofReturnType__monthly_limit_usd | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__requests_per_minute) -> _WhichOneofReturnType__requests_per_minute | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__tier) -> _WhichOneofReturnType__tier | None: ...
 
@@ -1279,6 +1337,288 @@ class RotateKeysFailure(_message.Message):
 Global___RotateKeysFailure: _TypeAlias = RotateKeysFailure  # noqa: Y015
 
 @_typing.final
+class ListAlertsRequest(_message.Message):
+    """Request of KeyBrokerAdmin.ListAlerts."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    UNDELIVERED_ONLY_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.str
+    """Only this user's alerts (optional; 1-128 characters of [A-Za-z0-9._:@-])."""
+    kind: Global___AlertKind.ValueType
+    """Only alerts of this kind (optional)."""
+    undelivered_only: _builtins.bool
+    """Only alerts not yet delivered to every webhook."""
+    page_size: _builtins.int
+    """Maximum alerts per page, 0-1000; 0 means 100."""
+    page_token: _builtins.str
+    """Opaque token from a previous ListAlertsResponse.next_page_token."""
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.str = ...,
+        kind: Global___AlertKind.ValueType = ...,
+        undelivered_only: _builtins.bool = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "page_size", b"page_size", "page_token", b"page_token", "undelivered_only", b"undelivered_only", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAlertsRequest: _TypeAlias = ListAlertsRequest  # noqa: Y015
+
+@_typing.final
+class ListAlertsResponse(_message.Message):
+    """Response of KeyBrokerAdmin.ListAlerts."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ALERTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Pass to the next ListAlerts call; empty on the last page."""
+    @_builtins.property
+    def alerts(self) -> _containers.RepeatedCompositeFieldContainer[Global___Alert]:
+        """Up to page_size alerts, newest first."""
+
+    def __init__(
+        self,
+        *,
+        alerts: _abc.Iterable[Global___Alert] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alerts", b"alerts", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAlertsResponse: _TypeAlias = ListAlertsResponse  # noqa: Y015
+
+@_typing.final
+class Alert(_message.Message):
+    """A usage alert. Fired exactly once per (user, month, threshold) or (user, hour) for anomalies."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ALERT_ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    MONTH_FIELD_NUMBER: _builtins.int
+    THRESHOLD_PERCENT_FIELD_NUMBER: _builtins.int
+    SPENT_USD_FIELD_NUMBER: _builtins.int
+    REFERENCE_USD_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    DELIVER_TIME_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    LAST_ERROR_FIELD_NUMBER: _builtins.int
+    alert_id: _builtins.str
+    """Stable id (a UUID): webhook receivers deduplicate by it."""
+    kind: Global___AlertKind.ValueType
+    """What kind of alert."""
+    user_id: _builtins.str
+    """The end user."""
+    month: _builtins.str
+    """Calendar month "YYYY-MM" the alert belongs to."""
+    threshold_percent: _builtins.int
+    """For THRESHOLD: the percentage of the limit crossed (e.g. 80, 100)."""
+    spent_usd: _builtins.str
+    """Spend this month when the alert fired (THRESHOLD), or in the last hour (ANOMALY), USD."""
+    reference_usd: _builtins.str
+    """The monthly limit (THRESHOLD), or the trailing hourly average (ANOMALY), USD."""
+    attempts: _builtins.int
+    """Delivery attempts so far."""
+    last_error: _builtins.str
+    """The last delivery error, if any (status code or transport error; never a URL secret)."""
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When the alert fired."""
+
+    @_builtins.property
+    def deliver_time(self) -> _timestamp_pb2.Timestamp:
+        """When it reached every configured webhook; unset while undelivered."""
+
+    def __init__(
+        self,
+        *,
+        alert_id: _builtins.str = ...,
+        kind: Global___AlertKind.ValueType = ...,
+        user_id: _builtins.str = ...,
+        month: _builtins.str = ...,
+        threshold_percent: _builtins.int = ...,
+        spent_usd: _builtins.str = ...,
+        reference_usd: _builtins.str = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        deliver_time: _timestamp_pb2.Timestamp | None = ...,
+        attempts: _builtins.int = ...,
+        last_error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "deliver_time", b"deliver_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alert_id", b"alert_id", "attempts", b"attempts", "create_time", b"create_time", "deliver_time", b"deliver_time", "kind", b"kind", "last_error", b"last_error", "month", b"month", "reference_usd", b"reference_usd", "spent_usd", b"spent_usd", "threshold_percent", b"threshold_percent", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Alert: _TypeAlias = Alert  # noqa: Y015
+
+@_typing.final
+class GetCostReportRequest(_message.Message):
+    """Request of KeyBrokerAdmin.GetCostReport."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    DATE_FIELD_NUMBER: _builtins.int
+    MONTH_FIELD_NUMBER: _builtins.int
+    kind: Global___CostReportKind.ValueType
+    """Which report."""
+    date: _builtins.str
+    """For DAILY: the UTC day "YYYY-MM-DD" (default today)."""
+    month: _builtins.str
+    """For MONTHLY: the month "YYYY-MM" (default this month)."""
+    def __init__(
+        self,
+        *,
+        kind: Global___CostReportKind.ValueType = ...,
+        date: _builtins.str = ...,
+        month: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["date", b"date", "kind", b"kind", "month", b"month"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetCostReportRequest: _TypeAlias = GetCostReportRequest  # noqa: Y015
+
+@_typing.final
+class GetCostReportResponse(_message.Message):
+    """Response of KeyBrokerAdmin.GetCostReport."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PERIOD_FIELD_NUMBER: _builtins.int
+    DAILY_FIELD_NUMBER: _builtins.int
+    MONTHLY_FIELD_NUMBER: _builtins.int
+    TOTAL_COST_USD_FIELD_NUMBER: _builtins.int
+    period: _builtins.str
+    """The period reported: "YYYY-MM-DD" or "YYYY-MM"."""
+    total_cost_usd: _builtins.str
+    """Total cost of the period, USD."""
+    @_builtins.property
+    def daily(self) -> _containers.RepeatedCompositeFieldContainer[Global___DailyCostRow]:
+        """DAILY rows: one per (user, model), highest cost first."""
+
+    @_builtins.property
+    def monthly(self) -> _containers.RepeatedCompositeFieldContainer[Global___MonthlyCostRow]:
+        """MONTHLY rows: one per user, highest spend first."""
+
+    def __init__(
+        self,
+        *,
+        period: _builtins.str = ...,
+        daily: _abc.Iterable[Global___DailyCostRow] | None = ...,
+        monthly: _abc.Iterable[Global___MonthlyCostRow] | None = ...,
+        total_cost_usd: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["daily", b"daily", "monthly", b"monthly", "period", b"period", "total_cost_usd", b"total_cost_usd"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetCostReportResponse: _TypeAlias = GetCostReportResponse  # noqa: Y015
+
+@_typing.final
+class DailyCostRow(_message.Message):
+    """One (user, model) line of a daily cost report."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    TOKENS_FIELD_NUMBER: _builtins.int
+    COST_USD_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.str
+    """The end user."""
+    model: _builtins.str
+    """Model slug."""
+    requests: _builtins.int
+    """Number of calls."""
+    tokens: _builtins.int
+    """Sum of total_tokens."""
+    cost_usd: _builtins.str
+    """Sum of cost, USD."""
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.str = ...,
+        model: _builtins.str = ...,
+        requests: _builtins.int = ...,
+        tokens: _builtins.int = ...,
+        cost_usd: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost_usd", b"cost_usd", "model", b"model", "requests", b"requests", "tokens", b"tokens", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DailyCostRow: _TypeAlias = DailyCostRow  # noqa: Y015
+
+@_typing.final
+class MonthlyCostRow(_message.Message):
+    """One user's line of a monthly cost report."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    SPENT_USD_FIELD_NUMBER: _builtins.int
+    LIMIT_USD_FIELD_NUMBER: _builtins.int
+    PERCENT_USED_FIELD_NUMBER: _builtins.int
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    TOP_MODELS_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.str
+    """The end user."""
+    spent_usd: _builtins.str
+    """Spend in the month, USD."""
+    limit_usd: _builtins.str
+    """The user's current monthly limit, USD; empty when unlimited."""
+    percent_used: _builtins.str
+    """spent / limit as a percentage with two decimals ("81.25"); empty when unlimited."""
+    requests: _builtins.int
+    """Number of calls."""
+    @_builtins.property
+    def top_models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Up to three models with the highest cost, "model=cost" each."""
+
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.str = ...,
+        spent_usd: _builtins.str = ...,
+        limit_usd: _builtins.str = ...,
+        percent_used: _builtins.str = ...,
+        requests: _builtins.int = ...,
+        top_models: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit_usd", b"limit_usd", "percent_used", b"percent_used", "requests", b"requests", "spent_usd", b"spent_usd", "top_models", b"top_models", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MonthlyCostRow: _TypeAlias = MonthlyCostRow  # noqa: Y015
+
+@_typing.final
 class ModelUsage(_message.Message):
     """Usage of one model in a month."""
 
@@ -1363,6 +1703,7 @@ class KeyInfo(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     ROTATE_TIME_FIELD_NUMBER: _builtins.int
     CUSTOM_LIMIT_USD_FIELD_NUMBER: _builtins.int
+    REQUESTS_PER_MINUTE_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
     """The end user."""
     key_id: _builtins.str
@@ -1381,6 +1722,8 @@ class KeyInfo(_message.Message):
     """Current state of the key."""
     custom_limit_usd: _builtins.str
     """The custom monthly limit, USD; empty when the tier's limit applies."""
+    requests_per_minute: _builtins.int
+    """Effective limit of GetKey + CheckLimit calls per minute (custom, else the tier's); 0 = none."""
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When the user was provisioned."""
@@ -1403,10 +1746,11 @@ class KeyInfo(_message.Message):
         create_time: _timestamp_pb2.Timestamp | None = ...,
         rotate_time: _timestamp_pb2.Timestamp | None = ...,
         custom_limit_usd: _builtins.str = ...,
+        requests_per_minute: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "rotate_time", b"rotate_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "custom_limit_usd", b"custom_limit_usd", "key_id", b"key_id", "key_version", b"key_version", "limit_usd", b"limit_usd", "rotate_time", b"rotate_time", "spent_usd", b"spent_usd", "status", b"status", "tier", b"tier", "unlimited", b"unlimited", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "custom_limit_usd", b"custom_limit_usd", "key_id", b"key_id", "key_version", b"key_version", "limit_usd", b"limit_usd", "requests_per_minute", b"requests_per_minute", "rotate_time", b"rotate_time", "spent_usd", b"spent_usd", "status", b"status", "tier", b"tier", "unlimited", b"unlimited", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

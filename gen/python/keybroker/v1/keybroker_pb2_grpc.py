@@ -80,7 +80,8 @@ class KeyBrokerServicer:
         """Returns the user's current OpenRouter key and where the user stands this month. Every
         successful call is written to the audit log before the reply is sent.
         Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), NOT_FOUND (NO_API_KEY), FAILED_PRECONDITION
-        (KEY_DISABLED), RESOURCE_EXHAUSTED (MONTHLY_LIMIT_EXCEEDED, metadata limit_usd and usage_usd).
+        (KEY_DISABLED), RESOURCE_EXHAUSTED (MONTHLY_LIMIT_EXCEEDED, metadata limit_usd and usage_usd;
+        RATE_LIMITED with RetryInfo when the user's requests-per-minute limit is used up).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -92,7 +93,7 @@ class KeyBrokerServicer:
         Reservations expire after the server's reservation TTL (default 15 minutes) unless settled
         by RecordUsage. A refused check is a normal answer (allowed = false), not an error.
         Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), NOT_FOUND (NO_API_KEY), FAILED_PRECONDITION
-        (KEY_DISABLED).
+        (KEY_DISABLED), RESOURCE_EXHAUSTED (RATE_LIMITED with RetryInfo).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -441,6 +442,16 @@ class KeyBrokerAdminStub:
                 request_serializer=keybroker_dot_v1_dot_keybroker__pb2.RotateKeysRequest.SerializeToString,
                 response_deserializer=keybroker_dot_v1_dot_keybroker__pb2.RotateKeysResponse.FromString,
                 _registered_method=True)
+        self.ListAlerts = channel.unary_unary(
+                '/keybroker.v1.KeyBrokerAdmin/ListAlerts',
+                request_serializer=keybroker_dot_v1_dot_keybroker__pb2.ListAlertsRequest.SerializeToString,
+                response_deserializer=keybroker_dot_v1_dot_keybroker__pb2.ListAlertsResponse.FromString,
+                _registered_method=True)
+        self.GetCostReport = channel.unary_unary(
+                '/keybroker.v1.KeyBrokerAdmin/GetCostReport',
+                request_serializer=keybroker_dot_v1_dot_keybroker__pb2.GetCostReportRequest.SerializeToString,
+                response_deserializer=keybroker_dot_v1_dot_keybroker__pb2.GetCostReportResponse.FromString,
+                _registered_method=True)
 
 
 class KeyBrokerAdminServicer:
@@ -518,6 +529,23 @@ class KeyBrokerAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListAlerts(self, request, context):
+        """Usage alerts (threshold crossings and unusual spend), newest first, with delivery state.
+        Errors: INVALID_ARGUMENT (INVALID_ARGUMENT for a bad filter, page_size or page_token).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetCostReport(self, request, context):
+        """Cost report over all users: one UTC day (per user and model) or one month (per user: spend
+        against limit and top models). Served from daily roll-ups, so it stays fast on a large ledger.
+        Errors: INVALID_ARGUMENT (INVALID_ARGUMENT for a bad date or month).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KeyBrokerAdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -560,6 +588,16 @@ def add_KeyBrokerAdminServicer_to_server(servicer, server):
                     servicer.RotateKeys,
                     request_deserializer=keybroker_dot_v1_dot_keybroker__pb2.RotateKeysRequest.FromString,
                     response_serializer=keybroker_dot_v1_dot_keybroker__pb2.RotateKeysResponse.SerializeToString,
+            ),
+            'ListAlerts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAlerts,
+                    request_deserializer=keybroker_dot_v1_dot_keybroker__pb2.ListAlertsRequest.FromString,
+                    response_serializer=keybroker_dot_v1_dot_keybroker__pb2.ListAlertsResponse.SerializeToString,
+            ),
+            'GetCostReport': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCostReport,
+                    request_deserializer=keybroker_dot_v1_dot_keybroker__pb2.GetCostReportRequest.FromString,
+                    response_serializer=keybroker_dot_v1_dot_keybroker__pb2.GetCostReportResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -779,6 +817,60 @@ class KeyBrokerAdmin:
             '/keybroker.v1.KeyBrokerAdmin/RotateKeys',
             keybroker_dot_v1_dot_keybroker__pb2.RotateKeysRequest.SerializeToString,
             keybroker_dot_v1_dot_keybroker__pb2.RotateKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAlerts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keybroker.v1.KeyBrokerAdmin/ListAlerts',
+            keybroker_dot_v1_dot_keybroker__pb2.ListAlertsRequest.SerializeToString,
+            keybroker_dot_v1_dot_keybroker__pb2.ListAlertsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCostReport(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keybroker.v1.KeyBrokerAdmin/GetCostReport',
+            keybroker_dot_v1_dot_keybroker__pb2.GetCostReportRequest.SerializeToString,
+            keybroker_dot_v1_dot_keybroker__pb2.GetCostReportResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -49,7 +49,8 @@ class KeyBrokerStub:
     """Returns the user's current OpenRouter key and where the user stands this month. Every
     successful call is written to the audit log before the reply is sent.
     Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), NOT_FOUND (NO_API_KEY), FAILED_PRECONDITION
-    (KEY_DISABLED), RESOURCE_EXHAUSTED (MONTHLY_LIMIT_EXCEEDED, metadata limit_usd and usage_usd).
+    (KEY_DISABLED), RESOURCE_EXHAUSTED (MONTHLY_LIMIT_EXCEEDED, metadata limit_usd and usage_usd;
+    RATE_LIMITED with RetryInfo when the user's requests-per-minute limit is used up).
     """
     CheckLimit: _grpc.UnaryUnaryMultiCallable[_keybroker_pb2.CheckLimitRequest, _keybroker_pb2.CheckLimitResponse]
     """Answers whether the user may spend. With `estimated_cost_usd` the estimate is reserved
@@ -57,7 +58,7 @@ class KeyBrokerStub:
     Reservations expire after the server's reservation TTL (default 15 minutes) unless settled
     by RecordUsage. A refused check is a normal answer (allowed = false), not an error.
     Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), NOT_FOUND (NO_API_KEY), FAILED_PRECONDITION
-    (KEY_DISABLED).
+    (KEY_DISABLED), RESOURCE_EXHAUSTED (RATE_LIMITED with RetryInfo).
     """
     RecordUsage: _grpc.UnaryUnaryMultiCallable[_keybroker_pb2.RecordUsageRequest, _keybroker_pb2.RecordUsageResponse]
     """Records one finished OpenRouter call. Idempotent by (user_id, request_id): a retry returns
@@ -102,7 +103,8 @@ class KeyBrokerAsyncStub(KeyBrokerStub):
     """Returns the user's current OpenRouter key and where the user stands this month. Every
     successful call is written to the audit log before the reply is sent.
     Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), NOT_FOUND (NO_API_KEY), FAILED_PRECONDITION
-    (KEY_DISABLED), RESOURCE_EXHAUSTED (MONTHLY_LIMIT_EXCEEDED, metadata limit_usd and usage_usd).
+    (KEY_DISABLED), RESOURCE_EXHAUSTED (MONTHLY_LIMIT_EXCEEDED, metadata limit_usd and usage_usd;
+    RATE_LIMITED with RetryInfo when the user's requests-per-minute limit is used up).
     """
     CheckLimit: _aio.UnaryUnaryMultiCallable[_keybroker_pb2.CheckLimitRequest, _keybroker_pb2.CheckLimitResponse]  # type: ignore[assignment]
     """Answers whether the user may spend. With `estimated_cost_usd` the estimate is reserved
@@ -110,7 +112,7 @@ class KeyBrokerAsyncStub(KeyBrokerStub):
     Reservations expire after the server's reservation TTL (default 15 minutes) unless settled
     by RecordUsage. A refused check is a normal answer (allowed = false), not an error.
     Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), NOT_FOUND (NO_API_KEY), FAILED_PRECONDITION
-    (KEY_DISABLED).
+    (KEY_DISABLED), RESOURCE_EXHAUSTED (RATE_LIMITED with RetryInfo).
     """
     RecordUsage: _aio.UnaryUnaryMultiCallable[_keybroker_pb2.RecordUsageRequest, _keybroker_pb2.RecordUsageResponse]  # type: ignore[assignment]
     """Records one finished OpenRouter call. Idempotent by (user_id, request_id): a retry returns
@@ -158,7 +160,8 @@ class KeyBrokerServicer(metaclass=_abc_1.ABCMeta):
         """Returns the user's current OpenRouter key and where the user stands this month. Every
         successful call is written to the audit log before the reply is sent.
         Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), NOT_FOUND (NO_API_KEY), FAILED_PRECONDITION
-        (KEY_DISABLED), RESOURCE_EXHAUSTED (MONTHLY_LIMIT_EXCEEDED, metadata limit_usd and usage_usd).
+        (KEY_DISABLED), RESOURCE_EXHAUSTED (MONTHLY_LIMIT_EXCEEDED, metadata limit_usd and usage_usd;
+        RATE_LIMITED with RetryInfo when the user's requests-per-minute limit is used up).
         """
 
     @_abc_1.abstractmethod
@@ -172,7 +175,7 @@ class KeyBrokerServicer(metaclass=_abc_1.ABCMeta):
         Reservations expire after the server's reservation TTL (default 15 minutes) unless settled
         by RecordUsage. A refused check is a normal answer (allowed = false), not an error.
         Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), NOT_FOUND (NO_API_KEY), FAILED_PRECONDITION
-        (KEY_DISABLED).
+        (KEY_DISABLED), RESOURCE_EXHAUSTED (RATE_LIMITED with RetryInfo).
         """
 
     @_abc_1.abstractmethod
@@ -286,6 +289,15 @@ class KeyBrokerAdminStub:
     rotation fails are reported, not retried here.
     Errors: INVALID_ARGUMENT (INVALID_ARGUMENT).
     """
+    ListAlerts: _grpc.UnaryUnaryMultiCallable[_keybroker_pb2.ListAlertsRequest, _keybroker_pb2.ListAlertsResponse]
+    """Usage alerts (threshold crossings and unusual spend), newest first, with delivery state.
+    Errors: INVALID_ARGUMENT (INVALID_ARGUMENT for a bad filter, page_size or page_token).
+    """
+    GetCostReport: _grpc.UnaryUnaryMultiCallable[_keybroker_pb2.GetCostReportRequest, _keybroker_pb2.GetCostReportResponse]
+    """Cost report over all users: one UTC day (per user and model) or one month (per user: spend
+    against limit and top models). Served from daily roll-ups, so it stays fast on a large ledger.
+    Errors: INVALID_ARGUMENT (INVALID_ARGUMENT for a bad date or month).
+    """
 
 @_typing.type_check_only
 class KeyBrokerAdminAsyncStub(KeyBrokerAdminStub):
@@ -330,6 +342,15 @@ class KeyBrokerAdminAsyncStub(KeyBrokerAdminStub):
     is 0), each with the given grace period: for scheduled rotation from cron. Users whose
     rotation fails are reported, not retried here.
     Errors: INVALID_ARGUMENT (INVALID_ARGUMENT).
+    """
+    ListAlerts: _aio.UnaryUnaryMultiCallable[_keybroker_pb2.ListAlertsRequest, _keybroker_pb2.ListAlertsResponse]  # type: ignore[assignment]
+    """Usage alerts (threshold crossings and unusual spend), newest first, with delivery state.
+    Errors: INVALID_ARGUMENT (INVALID_ARGUMENT for a bad filter, page_size or page_token).
+    """
+    GetCostReport: _aio.UnaryUnaryMultiCallable[_keybroker_pb2.GetCostReportRequest, _keybroker_pb2.GetCostReportResponse]  # type: ignore[assignment]
+    """Cost report over all users: one UTC day (per user and model) or one month (per user: spend
+    against limit and top models). Served from daily roll-ups, so it stays fast on a large ledger.
+    Errors: INVALID_ARGUMENT (INVALID_ARGUMENT for a bad date or month).
     """
 
 class KeyBrokerAdminServicer(metaclass=_abc_1.ABCMeta):
@@ -420,6 +441,27 @@ class KeyBrokerAdminServicer(metaclass=_abc_1.ABCMeta):
         is 0), each with the given grace period: for scheduled rotation from cron. Users whose
         rotation fails are reported, not retried here.
         Errors: INVALID_ARGUMENT (INVALID_ARGUMENT).
+        """
+
+    @_abc_1.abstractmethod
+    def ListAlerts(
+        self,
+        request: _keybroker_pb2.ListAlertsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_keybroker_pb2.ListAlertsResponse, _abc.Awaitable[_keybroker_pb2.ListAlertsResponse]]:
+        """Usage alerts (threshold crossings and unusual spend), newest first, with delivery state.
+        Errors: INVALID_ARGUMENT (INVALID_ARGUMENT for a bad filter, page_size or page_token).
+        """
+
+    @_abc_1.abstractmethod
+    def GetCostReport(
+        self,
+        request: _keybroker_pb2.GetCostReportRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_keybroker_pb2.GetCostReportResponse, _abc.Awaitable[_keybroker_pb2.GetCostReportResponse]]:
+        """Cost report over all users: one UTC day (per user and model) or one month (per user: spend
+        against limit and top models). Served from daily roll-ups, so it stays fast on a large ledger.
+        Errors: INVALID_ARGUMENT (INVALID_ARGUMENT for a bad date or month).
         """
 
 def add_KeyBrokerAdminServicer_to_server(servicer: KeyBrokerAdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
