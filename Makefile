@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 PY := $(BIN)/python
 PROTO_OUT := gen/python
 
-.PHONY: help install run test check lint typecheck proto proto-check buf-lint bench clean
+.PHONY: help install run test check lint typecheck proto proto-check buf-lint buf-breaking bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -28,7 +28,7 @@ run: $(STAMP) ## run the broker on the embedded defaults (PostgreSQL from a whee
 test: $(STAMP) ## run every test (real PostgreSQL, real gRPC server, sandbox over HTTP)
 	$(BIN)/pytest -q
 
-check: $(STAMP) lint typecheck proto-check buf-lint ## lint, types, stale generated code, buf lint
+check: $(STAMP) lint typecheck proto-check buf-lint buf-breaking ## lint, types, stale generated code, buf lint and breaking
 
 lint: $(STAMP)
 	$(BIN)/ruff check broker clients tests bench
@@ -60,5 +60,19 @@ bench: $(STAMP) ## benchmark vs a no-op gRPC server (BENCH_ARGS="--quick", "--gr
 buf-lint: node_modules/.bin/buf ## buf lint on protos/
 	cd protos && ../node_modules/.bin/buf lint
 
+# The protos of the previous commit (HEAD~1: on main, the commit before the one under test; set
+# BUF_AGAINST=origin/main on a branch), exported with git archive; skipped with a message when absent.
+BUF_AGAINST ?= HEAD~1
+
+buf-breaking: node_modules/.bin/buf ## buf breaking against the previous commit's protos (BUF_AGAINST=HEAD~1)
+	@if ! git rev-parse --verify --quiet '$(BUF_AGAINST)^{commit}' >/dev/null; then \
+	  echo "buf-breaking: skipped, no commit $(BUF_AGAINST) to compare with (first commit or shallow clone)"; exit 0; fi; \
+	if ! git cat-file -e '$(BUF_AGAINST):protos/buf.yaml' 2>/dev/null; then \
+	  echo "buf-breaking: skipped, $(BUF_AGAINST) has no protos/buf.yaml"; exit 0; fi; \
+	tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	git archive '$(BUF_AGAINST)' protos | tar -x -C "$$tmp"; \
+	cd protos && ../node_modules/.bin/buf breaking --against "$$tmp/protos"; \
+	echo "buf-breaking: no breaking changes against $$(git rev-parse --short '$(BUF_AGAINST)')"
+
 clean: ## remove the virtualenv and the embedded data directory
-	rm -rf $(VENV) .keybroker node_modules
+	rm -rf $(VENV) .keybroker node_modules clients/node/node_modules

@@ -11,12 +11,14 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 
 from broker import crypto, embedded, tls
+from broker.alerts import AlertJobs
 from broker.auth import TokenAuthority
 from broker.background import BackgroundTasks, broker_tasks
 from broker.clock import Clock, system_clock
 from broker.config import ConfigError, Settings
 from broker.db import Database
 from broker.events import KeyEventHub
+from broker.health_watch import DatabaseHealthWatch
 from broker.key_reports import KeyReports
 from broker.keys import KeyService
 from broker.leases import Leases
@@ -46,6 +48,8 @@ class Runtime:
     reports: KeyReports
     reconciler: Reconciler
     leases: Leases
+    # Alert delivery, anomaly detection and rate-window pruning (background tasks).
+    alerts: AlertJobs
     sandbox_url: str | None = None
 
 
@@ -89,6 +93,8 @@ async def open_runtime(
         provider = OpenRouterClient(base_url, management_key, timeout_seconds=settings.provider_timeout)
         stack.push_async_callback(provider.aclose)
         keys = KeyService(db, provider, ring, clock, settings.intent_timeout)
+        alerts = AlertJobs.build(db, clock, settings)
+        stack.push_async_callback(alerts.aclose)
         yield Runtime(
             settings=settings,
             clock=clock,
@@ -101,6 +107,7 @@ async def open_runtime(
             reports=KeyReports(keys, settings.invalid_report_interval),
             reconciler=Reconciler(keys, settings.drift_tolerance_usd),
             leases=Leases(db, clock),
+            alerts=alerts,
             sandbox_url=sandbox_url,
         )
 
@@ -142,15 +149,20 @@ async def serving(runtime: Runtime) -> AsyncIterator[BrokerServer]:
         )
         port = await server.start(runtime.settings.listen, credentials)
         tasks = BackgroundTasks(
-            broker_tasks(runtime.settings, runtime.keys, runtime.ledger, runtime.reconciler),
+            broker_tasks(
+                runtime.settings, runtime.keys, runtime.ledger, runtime.reconciler, runtime.alerts
+            ),
             runtime.leases,
         )
         server.background = tasks
         tasks.start()
+        database_health = DatabaseHealthWatch(runtime.db, server.set_serving)
+        database_health.start()
         log.info("keybroker listening on port %d", port, extra={"port": port})
         try:
             yield server
         finally:
+            await database_health.stop()
             await tasks.stop()
             await server.stop(runtime.settings.shutdown_grace)
     finally:

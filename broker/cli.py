@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from broker import cli_ops, cli_remote, embedded, logs
+from broker import cli_ops, cli_remote, cli_reports, embedded, logs, tls
 from broker.app import open_runtime, run_until_signal, serving
 from broker.config import ConfigError, Settings, load_settings
 from broker.errors import KeybrokerError
@@ -46,11 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_parser("revoke", help="revoke a token by name").add_argument("name")
 
     _add_key_commands(commands)
+    _add_alert_commands(commands)
     usage = commands.add_parser("usage", help="usage reports").add_subparsers(dest="action", required=True)
     summary = usage.add_parser("summary", help="a user's usage in a month")
     summary.add_argument("user")
     summary.add_argument("--month", help="YYYY-MM (default: this month)")
     _remote_flags(summary)
+    cli_reports.add_report_commands(commands)
 
     reconcile = commands.add_parser(
         "reconcile", help="compare OpenRouter's keys with the broker's and repair"
@@ -110,6 +112,18 @@ def _add_key_commands(commands: Any) -> None:
         _remote_flags(sub)
 
 
+def _add_alert_commands(commands: Any) -> None:
+    alerts = commands.add_parser("alerts", help="usage alerts").add_subparsers(dest="action", required=True)
+    alert_list = alerts.add_parser("list", help="usage alerts, newest first, with their delivery state")
+    alert_list.add_argument("--user", help="only this user's alerts")
+    alert_list.add_argument("--kind", choices=("threshold", "anomaly"))
+    alert_list.add_argument(
+        "--undelivered", action="store_true", help="only alerts not yet delivered to every webhook"
+    )
+    alert_list.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
+    _remote_flags(alert_list)
+
+
 def _json_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -128,6 +142,9 @@ REMOTE: dict[tuple[str, str], Callable[[Any, argparse.Namespace], Awaitable[None
     ("key", "update"): cli_remote.update_user,
     ("key", "revoke"): cli_remote.revoke_user,
     ("usage", "summary"): cli_remote.usage_summary,
+    ("alerts", "list"): cli_remote.list_alerts,
+    ("report", "daily"): cli_reports.daily_report,
+    ("report", "monthly"): cli_reports.monthly_report,
     ("reconcile", ""): cli_remote.reconcile,
     ("key", "rotate-due"): cli_remote.rotate_due,
     ("key", "rotate-all"): cli_remote.rotate_all,
@@ -271,7 +288,10 @@ async def run_remote(
     if not token:
         raise ConfigError("no caller token: pass --token or set KEYBROKER_TOKEN")
     args.settings = settings
-    async with KeyBrokerClient(args.target or settings.listen, token, timeout=10.0) as client:
+    credentials = tls.channel_credentials(settings)  # TLS when KEYBROKER_TLS_CA is set
+    async with KeyBrokerClient(
+        args.target or settings.listen, token, timeout=10.0, credentials=credentials
+    ) as client:
         await command(client, args)
     return 0
 

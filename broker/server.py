@@ -25,6 +25,8 @@ from broker.keys import KeyService
 from broker.ledger import Ledger
 from broker.reconcile import Reconciler
 from broker.service import KeyBrokerService
+from broker.tls import is_loopback
+from broker.user_binding import UserBinding, UserBindingInterceptor
 
 log = logging.getLogger("keybroker.rpc")
 
@@ -154,10 +156,16 @@ class BrokerServer:
         events: KeyEventHub,
         reports: KeyReports,
         reconciler: Reconciler,
+        user_binding: UserBinding | None = None,
     ) -> None:
         self.events = events
+        # Outermost first: errors become statuses, then the caller token, then (when configured)
+        # the end user's JWT for GetKey and CheckLimit.
+        interceptors: list[grpc.aio.ServerInterceptor] = [ErrorInterceptor(), AuthInterceptor(authority)]
+        if user_binding is not None:
+            interceptors.append(UserBindingInterceptor(user_binding))
         self.server = grpc.aio.server(
-            interceptors=[ErrorInterceptor(), AuthInterceptor(authority)],
+            interceptors=interceptors,
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.so_reuseport", 0),
@@ -176,8 +184,18 @@ class BrokerServer:
         # The replica's background tasks, once started (tests count their runs).
         self.background: BackgroundTasks | None = None
 
-    async def start(self, listen: str) -> int:
-        self.port = self.server.add_insecure_port(listen)
+    async def start(self, listen: str, credentials: grpc.ServerCredentials | None = None) -> int:
+        """Listen on `listen`: TLS with `credentials` (see broker/tls.py), else plaintext."""
+        if credentials is not None:
+            self.port = self.server.add_secure_port(listen, credentials)
+        else:
+            if not is_loopback(listen):
+                logging.getLogger("keybroker").warning(
+                    "listening on %s WITHOUT TLS: tokens and keys cross the network in plaintext; "
+                    "set KEYBROKER_TLS_CERT and KEYBROKER_TLS_KEY (or listen on 127.0.0.1)",
+                    listen,
+                )
+            self.port = self.server.add_insecure_port(listen)
         if self.port == 0:
             raise OSError(f"cannot listen on {listen}")
         await self.server.start()
