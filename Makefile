@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 PY := $(BIN)/python
 PROTO_OUT := gen/python
 
-.PHONY: help install run test check lint typecheck proto proto-check buf-lint buf-breaking bench clean
+.PHONY: help install run test chaos check lint typecheck proto proto-check buf-lint buf-breaking bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -25,8 +25,11 @@ install: $(STAMP) ## create .venv and install the broker with its dev tools
 run: $(STAMP) ## run the broker on the embedded defaults (PostgreSQL from a wheel, OpenRouter sandbox)
 	$(BIN)/keybroker serve
 
-test: $(STAMP) ## run every test (real PostgreSQL, real gRPC server, sandbox over HTTP)
-	$(BIN)/pytest -q
+test: $(STAMP) ## run every test but the slow chaos scenarios (real PostgreSQL, gRPC server, sandbox)
+	$(BIN)/pytest -q -m "not chaos"
+
+chaos: $(STAMP) ## the chaos scenarios: broker SIGKILLed under load, database stopped and crashed
+	$(BIN)/pytest -q -m chaos tests/chaos
 
 check: $(STAMP) lint typecheck proto-check buf-lint buf-breaking ## lint, types, stale generated code, buf lint and breaking
 

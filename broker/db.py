@@ -27,6 +27,9 @@ UNREACHABLE: tuple[type[BaseException], ...] = (
     asyncpg.OperatorInterventionError,
     asyncpg.InsufficientResourcesError,
     asyncpg.QueryCanceledError,
+    # A connection cut in the middle of an operation can leave the driver's protocol state
+    # inconsistent; asyncpg then refuses the connection with this error.
+    asyncpg.InternalClientError,
 )
 # Failures that a retry of the same transaction resolves.
 RETRYABLE: tuple[type[BaseException], ...] = (

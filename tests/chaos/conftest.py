@@ -1,0 +1,13 @@
+"""Chaos scenarios (`make chaos`): real processes killed, a real database stopped and crashed."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest_plugins = ["tests.chaos.summary"]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "tests/chaos/" in str(item.fspath):
+            item.add_marker(pytest.mark.chaos)
