@@ -9,26 +9,36 @@ from keybroker.v1 import keybroker_pb2 as pb
 from keybroker.v1 import keybroker_pb2_grpc as pb_grpc
 
 from broker import validation as check
+from broker.alerts import AlertFilter, AlertRow, list_alerts
 from broker.clock import month_label
-from broker.convert import key_info
+from broker.convert import key_info, timestamp
 from broker.errors import InvalidArgument
 from broker.keys import KeyService
 from broker.ledger import Ledger
 from broker.money import format_usd
 from broker.reconcile import Reconciler
+from broker.reports import CostReports, DailyReport, MonthlyReport, percent_used
 from broker.scheduled_rotation import rotate_older_than
 from broker.service import caller_name
 
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 MAX_KEY_AGE = timedelta(days=3650)
+ALERT_KINDS = {pb.ALERT_KIND_THRESHOLD: "THRESHOLD", pb.ALERT_KIND_ANOMALY: "ANOMALY"}
 
 
 class KeyBrokerAdminService(pb_grpc.KeyBrokerAdminServicer):
-    def __init__(self, keys: KeyService, ledger: Ledger, reconciler: Reconciler) -> None:
+    def __init__(
+        self,
+        keys: KeyService,
+        ledger: Ledger,
+        reconciler: Reconciler,
+        cost_reports: CostReports | None = None,
+    ) -> None:
         self.keys = keys
         self.ledger = ledger
         self.reconciler = reconciler
+        self.cost_reports = cost_reports or CostReports(ledger.db, ledger.clock)
 
     async def ProvisionKey(
         self, request: pb.ProvisionKeyRequest, context: grpc.aio.ServicerContext
@@ -113,6 +123,21 @@ class KeyBrokerAdminService(pb_grpc.KeyBrokerAdminServicer):
             month=month_label(summary.month),
         )
 
+    async def GetCostReport(
+        self, request: pb.GetCostReportRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetCostReportResponse:
+        if request.kind == pb.COST_REPORT_KIND_DAILY:
+            day = check.day(request.date, "date")
+            if request.month:
+                raise InvalidArgument("month", "applies only to COST_REPORT_KIND_MONTHLY")
+            return daily_report_response(await self.cost_reports.daily(day))
+        if request.kind == pb.COST_REPORT_KIND_MONTHLY:
+            month = check.month(request.month, "month")
+            if request.date:
+                raise InvalidArgument("date", "applies only to COST_REPORT_KIND_DAILY")
+            return monthly_report_response(await self.cost_reports.monthly(month))
+        raise InvalidArgument("kind", "must be COST_REPORT_KIND_DAILY or COST_REPORT_KIND_MONTHLY")
+
     async def Reconcile(
         self, request: pb.ReconcileRequest, context: grpc.aio.ServicerContext
     ) -> pb.ReconcileResponse:
@@ -147,3 +172,72 @@ class KeyBrokerAdminService(pb_grpc.KeyBrokerAdminServicer):
             rotated_user_ids=run.rotated,
             failures=[pb.RotateKeysFailure(user_id=u, reason=r) for u, r in run.failed],
         )
+
+    async def ListAlerts(
+        self, request: pb.ListAlertsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListAlertsResponse:
+        if not 0 <= request.page_size <= MAX_PAGE_SIZE:
+            raise InvalidArgument("page_size", f"must be between 0 and {MAX_PAGE_SIZE}")
+        if request.kind not in (pb.ALERT_KIND_UNSPECIFIED, *ALERT_KINDS):
+            raise InvalidArgument("kind", "must be ALERT_KIND_THRESHOLD, ALERT_KIND_ANOMALY or unset")
+        where = AlertFilter(
+            user_id=check.user_id(request.user_id) if request.user_id else None,
+            kind=ALERT_KINDS.get(request.kind),
+            undelivered_only=request.undelivered_only,
+        )
+        rows, next_token = await list_alerts(
+            self.ledger.db, where, request.page_token, request.page_size or DEFAULT_PAGE_SIZE
+        )
+        return pb.ListAlertsResponse(alerts=[alert_message(a) for a in rows], next_page_token=next_token)
+
+
+def daily_report_response(report: DailyReport) -> pb.GetCostReportResponse:
+    return pb.GetCostReportResponse(
+        period=report.day.isoformat(),
+        daily=[
+            pb.DailyCostRow(
+                user_id=r.user_id,
+                model=r.model,
+                requests=r.requests,
+                tokens=r.tokens,
+                cost_usd=format_usd(r.cost_usd),
+            )
+            for r in report.rows
+        ],
+        total_cost_usd=format_usd(report.total_cost_usd),
+    )
+
+
+def monthly_report_response(report: MonthlyReport) -> pb.GetCostReportResponse:
+    rows = []
+    for r in report.rows:
+        percent = percent_used(r.spent_usd, r.limit_usd)
+        rows.append(
+            pb.MonthlyCostRow(
+                user_id=r.user_id,
+                spent_usd=format_usd(r.spent_usd),
+                limit_usd=format_usd(r.limit_usd),
+                percent_used="" if percent is None else f"{percent:.2f}",
+                requests=r.requests,
+                top_models=[f"{model}={format_usd(cost)}" for model, cost in r.top_models],
+            )
+        )
+    return pb.GetCostReportResponse(
+        period=month_label(report.month), monthly=rows, total_cost_usd=format_usd(report.total_cost_usd)
+    )
+
+
+def alert_message(alert: AlertRow) -> pb.Alert:
+    return pb.Alert(
+        alert_id=str(alert.alert_id),
+        kind=pb.ALERT_KIND_THRESHOLD if alert.kind == "THRESHOLD" else pb.ALERT_KIND_ANOMALY,
+        user_id=alert.user_id,
+        month=month_label(alert.period_start),
+        threshold_percent=alert.threshold_percent or 0,
+        spent_usd=format_usd(alert.spent_usd),
+        reference_usd=format_usd(alert.reference_usd),
+        create_time=timestamp(alert.create_time),
+        deliver_time=timestamp(alert.deliver_time),
+        attempts=alert.attempts,
+        last_error=alert.last_error or "",
+    )

@@ -1,8 +1,9 @@
 """Periodic background work, each task led by exactly one replica at a time (a lease row).
 
 Tasks: retire provider keys whose grace ended, release expired reservations, roll back dead key
-creations, reconcile with OpenRouter, and scheduled rotation. Every run is idempotent, so a failed
-run only delays the next one, and a new leader simply carries on.
+creations, reconcile with OpenRouter, scheduled rotation, deliver usage alerts, detect unusual
+spend, and prune old rate-limit windows. Every run is idempotent, so a failed run only delays the
+next one, and a new leader simply carries on.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
+from broker.alerts import AlertJobs
 from broker.config import Settings
 from broker.errors import KeybrokerError
 from broker.keys import KeyService
@@ -34,7 +36,13 @@ class Task:
     run: Callable[[], Awaitable[object]]
 
 
-def broker_tasks(settings: Settings, keys: KeyService, ledger: Ledger, reconciler: Reconciler) -> list[Task]:
+def broker_tasks(
+    settings: Settings,
+    keys: KeyService,
+    ledger: Ledger,
+    reconciler: Reconciler,
+    alerts: AlertJobs | None = None,
+) -> list[Task]:
     every = settings.background_interval
     tasks = [
         Task("retire-keys", every, keys.retire_due),
@@ -52,6 +60,13 @@ def broker_tasks(settings: Settings, keys: KeyService, ledger: Ledger, reconcile
             )
 
         tasks.append(Task("rotate-due", max(every, timedelta(seconds=30)), rotate_due))
+    if alerts is not None:
+        minutely = max(every, timedelta(seconds=60))
+        tasks += [
+            Task("dispatch-alerts", every, alerts.dispatcher.dispatch_due),
+            Task("detect-anomalies", minutely, alerts.detector.detect),
+            Task("prune-rate-windows", minutely, alerts.pruner.prune),
+        ]
     return tasks
 
 

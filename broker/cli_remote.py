@@ -72,6 +72,30 @@ async def list_keys(client: KeyBrokerClient, args: argparse.Namespace) -> None:
     print_json(rows) if args.json else print_table(rows, KEY_COLUMNS)
 
 
+ALERT_COLUMNS = (
+    "create_time", "user_id", "kind", "month", "threshold_percent", "spent_usd", "reference_usd",
+    "attempts", "deliver_time", "last_error", "alert_id",
+)  # fmt: skip
+
+
+async def list_alerts(client: KeyBrokerClient, args: argparse.Namespace) -> None:
+    if args.limit < 1:
+        raise ValueError("--limit must be at least 1")
+    rows: list[dict[str, Any]] = []
+    async for alert in client.iter_alerts(
+        user_id=args.user, kind=args.kind, undelivered_only=args.undelivered, page_size=min(args.limit, 1000)
+    ):
+        row = as_dict(alert)
+        row.setdefault("deliver_time", None)  # unset while undelivered
+        row["kind"] = pb.AlertKind.Name(alert.kind).removeprefix("ALERT_KIND_").lower()
+        if alert.kind != pb.ALERT_KIND_THRESHOLD:
+            row["threshold_percent"] = None
+        rows.append(row)
+        if len(rows) >= args.limit:
+            break
+    print_json(rows) if args.json else print_table(rows, ALERT_COLUMNS)
+
+
 async def update_user(client: KeyBrokerClient, args: argparse.Namespace) -> None:
     reply = await client.update_key(
         user_id=args.user,

@@ -16,6 +16,7 @@ USER_ID = re.compile(r"^[A-Za-z0-9._:@-]{1,128}$")
 REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,200}$")
 TIER_NAME = re.compile(r"^[a-z0-9_]{1,32}$")
 MONTH = re.compile(r"([0-9]{4})-([0-9]{2})")
+DAY = re.compile(r"([0-9]{4})-([0-9]{2})-([0-9]{2})")
 MAX_TOKENS = 10**12
 MAX_TEXT = 200
 MAX_CALL_DURATION = timedelta(hours=24)
@@ -102,6 +103,20 @@ def month(value: str, field: str = "month") -> date | None:
     if not match or not (2000 <= int(match.group(1)) <= 2999 and 1 <= int(match.group(2)) <= 12):
         raise InvalidArgument(field, "must be a month YYYY-MM between 2000-01 and 2999-12")
     return date(int(match.group(1)), int(match.group(2)), 1)
+
+
+def day(value: str, field: str = "date") -> date | None:
+    """A calendar day "YYYY-MM-DD" (None when empty: the caller's default)."""
+    if not value:
+        return None
+    match = DAY.fullmatch(value)
+    try:
+        parsed = date(int(match.group(1)), int(match.group(2)), int(match.group(3))) if match else None
+    except ValueError:
+        parsed = None
+    if parsed is None or not 2000 <= parsed.year <= 2999:
+        raise InvalidArgument(field, "must be a date YYYY-MM-DD between 2000-01-01 and 2999-12-31")
+    return parsed
 
 
 def key_id(value: str, field: str = "key_id") -> str:

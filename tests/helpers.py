@@ -115,6 +115,20 @@ async def table_counts(conn: asyncpg.Connection, tables: tuple[str, ...] = RPC_T
     return dict(row)
 
 
+# Rows no RPC writes: leader leases of background work, and the migrations' own bookkeeping.
+NOT_RPC_TABLES = frozenset({"leases", "schema_migrations"})
+
+
+async def written_tables(conn: asyncpg.Connection) -> tuple[str, ...]:
+    """Every table an RPC may write: at least RPC_TABLES, and any table added since."""
+    names = await conn.fetch(
+        "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public' ORDER BY 1"
+    )
+    tables = tuple(row["table_name"] for row in names if row["table_name"] not in NOT_RPC_TABLES)
+    assert set(RPC_TABLES) <= set(tables), set(RPC_TABLES) - set(tables)
+    return tables
+
+
 @contextlib.asynccontextmanager
 async def fresh_database(admin_url: str) -> AsyncIterator[str]:
     """A new database cloned from the migrated template (for fixtures wider than one test)."""

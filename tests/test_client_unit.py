@@ -189,6 +189,8 @@ MINIMAL_CALLS: dict[str, dict[str, Any]] = {
     "report_key_invalid": {"user_id": "u1", "key_id": "k1"},
     "reconcile": {},
     "rotate_keys": {},
+    "list_alerts": {},
+    "get_cost_report": {"kind": "daily"},
 }
 
 

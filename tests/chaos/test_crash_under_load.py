@@ -75,7 +75,7 @@ async def test_sigkill_under_load_loses_nothing_and_counts_each_request_once(
             text=True,
             check=True,
             timeout=60,
-        )  # fmt: skip
+        )
     ).stdout.strip()
     auth = (("authorization", f"Bearer {token}"),)
     channels = [grpc.aio.insecure_channel(f"127.0.0.1:{port}") for _ in range(4)]

@@ -344,6 +344,55 @@ class KeyBrokerClient:
                 return
             page_token = page.next_page_token
 
+    async def list_alerts(
+        self,
+        *,
+        user_id: str | None = None,
+        kind: str | int | None = None,
+        undelivered_only: bool = False,
+        page_size: int = 0,
+        page_token: str = "",
+        timeout: float | None = None,
+    ) -> keybroker_pb2.ListAlertsResponse:
+        """One page of usage alerts, newest first, with their delivery state (admin). ``kind`` is
+        "threshold", "anomaly" or an ``AlertKind`` value; ``None`` lists every kind."""
+        request = keybroker_pb2.ListAlertsRequest(
+            user_id=user_id or "",
+            kind=_alert_kind(kind),
+            undelivered_only=undelivered_only,
+            page_size=page_size,
+            page_token=page_token,
+        )
+        return await self._call(
+            "KeyBrokerAdmin", "ListAlerts", request, keybroker_pb2.ListAlertsResponse, timeout
+        )
+
+    async def iter_alerts(
+        self,
+        *,
+        user_id: str | None = None,
+        kind: str | int | None = None,
+        undelivered_only: bool = False,
+        page_size: int = 100,
+        timeout: float | None = None,
+    ) -> AsyncIterator[keybroker_pb2.Alert]:
+        """Every matching alert, newest first, fetched page by page (``timeout`` applies per page)."""
+        page_token = ""
+        while True:
+            page = await self.list_alerts(
+                user_id=user_id,
+                kind=kind,
+                undelivered_only=undelivered_only,
+                page_size=page_size,
+                page_token=page_token,
+                timeout=timeout,
+            )
+            for alert in page.alerts:
+                yield alert
+            if not page.next_page_token:
+                return
+            page_token = page.next_page_token
+
     async def get_usage_summary(
         self, user_id: str, *, month: str | datetime.date | None = None, timeout: float | None = None
     ) -> keybroker_pb2.GetUsageSummaryResponse:
@@ -351,6 +400,22 @@ class KeyBrokerClient:
         request = messages.get_usage_summary_request(user_id, month=month)
         return await self._call(
             "KeyBrokerAdmin", "GetUsageSummary", request, keybroker_pb2.GetUsageSummaryResponse, timeout
+        )
+
+    async def get_cost_report(
+        self,
+        kind: str | int,
+        date: str | datetime.date | None = None,
+        month: str | datetime.date | None = None,
+        *,
+        timeout: float | None = 60.0,
+    ) -> keybroker_pb2.GetCostReportResponse:
+        """A cost report (admin): ``kind`` "daily" (per user and model for one UTC day, ``date``
+        "YYYY-MM-DD", default today) or "monthly" (per user against the limit, ``month`` "YYYY-MM",
+        default this month)."""
+        request = messages.cost_report_request(kind, date=date, month=month)
+        return await self._call(
+            "KeyBrokerAdmin", "GetCostReport", request, keybroker_pb2.GetCostReportResponse, timeout
         )
 
     # -- Key cache and the OpenRouter call ---------------------------------------------------
@@ -462,6 +527,20 @@ def method_path(service: str, method: str) -> str:
     """
     descriptor = keybroker_pb2.DESCRIPTOR.services_by_name[service].methods_by_name[method]
     return f"/{descriptor.containing_service.full_name}/{descriptor.name}"
+
+
+def _alert_kind(kind: str | int | None) -> keybroker_pb2.AlertKind.ValueType:
+    """``"threshold"``/``"anomaly"`` (any case, with or without the ``ALERT_KIND_`` prefix) or
+    an ``AlertKind`` number; ``None`` is ``ALERT_KIND_UNSPECIFIED`` (no filter)."""
+    if kind is None:
+        return keybroker_pb2.ALERT_KIND_UNSPECIFIED
+    if isinstance(kind, int):
+        return keybroker_pb2.AlertKind.ValueType(kind)
+    name = kind.upper()
+    try:
+        return keybroker_pb2.AlertKind.Value(name if name.startswith("ALERT_KIND_") else f"ALERT_KIND_{name}")
+    except ValueError:
+        raise ValueError(f"not an alert kind: {kind!r} (use 'threshold' or 'anomaly')") from None
 
 
 def _serialize(message: Message) -> bytes:

@@ -160,3 +160,33 @@ def get_usage_summary_request(
 
 def get_key_info_request(user_id: str) -> keybroker_pb2.GetKeyInfoRequest:
     return keybroker_pb2.GetKeyInfoRequest(user_id=user_id)
+
+
+COST_REPORT_KINDS = {
+    "daily": keybroker_pb2.COST_REPORT_KIND_DAILY,
+    "monthly": keybroker_pb2.COST_REPORT_KIND_MONTHLY,
+}
+
+
+def cost_report_request(
+    kind: str | int,
+    *,
+    date: str | datetime.date | None = None,
+    month: str | datetime.date | None = None,
+) -> keybroker_pb2.GetCostReportRequest:
+    """``kind``: "daily", "monthly" (any case) or a ``CostReportKind`` value; ``date`` a day
+    ("YYYY-MM-DD" or a ``date``), ``month`` "YYYY-MM" or any ``date`` in the month."""
+    if isinstance(kind, str):
+        try:
+            kind = COST_REPORT_KINDS[kind.lower()]
+        except KeyError:
+            raise ValueError(f"kind must be 'daily' or 'monthly', not {kind!r}") from None
+    if isinstance(date, datetime.datetime):
+        date = date.date()
+    if isinstance(date, datetime.date):
+        date = date.isoformat()
+    if isinstance(month, datetime.date):
+        month = f"{month.year:04d}-{month.month:02d}"
+    return keybroker_pb2.GetCostReportRequest(
+        kind=keybroker_pb2.CostReportKind.ValueType(kind), date=date or "", month=month or ""
+    )
