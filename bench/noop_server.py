@@ -27,13 +27,8 @@ from grpc_reflection.v1alpha import reflection
 from keybroker.v1 import keybroker_pb2 as pb
 from keybroker.v1 import keybroker_pb2_grpc as pb_grpc
 
-# Kept equal to BrokerServer's options in broker/server.py (see the report: a shared
-# `server_options()` there would keep the two from drifting).
-MAX_MESSAGE_BYTES = 1 << 20
-SERVER_OPTIONS = [
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.so_reuseport", 0),
-]
+from broker.server import server_options  # the broker's own options: the two cannot drift
+
 SERVICES = ("KeyBroker", "KeyBrokerAdmin")
 
 _PERIOD_END = Timestamp(seconds=1_790_000_000)
@@ -114,7 +109,7 @@ class PassThroughInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
 def build_server(interceptors: int = 0) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
     server = grpc.aio.server(
-        interceptors=[PassThroughInterceptor() for _ in range(interceptors)], options=SERVER_OPTIONS
+        interceptors=[PassThroughInterceptor() for _ in range(interceptors)], options=server_options()
     )
     pb_grpc.add_KeyBrokerServicer_to_server(noop_servicer(pb_grpc.KeyBrokerServicer, "KeyBroker"), server)
     pb_grpc.add_KeyBrokerAdminServicer_to_server(

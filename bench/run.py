@@ -8,6 +8,7 @@ growing ledger sizes (bench/growth.json, bench/growth.md).
 
     python -m bench.run --quick                    # smoke run, 2 s per scenario
     python -m bench.run --growth --growth-rows 0,1000000,5000000
+    python -m bench.run --pgbouncer                # broker -> Debian's pgbouncer -> PostgreSQL
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ import grpc
 from keybroker.v1 import keybroker_pb2 as pb
 from keybroker.v1 import keybroker_pb2_grpc as pb_grpc
 
+from bench import pgbouncer, report
 from bench import procs as P
-from bench import report
 from bench.loadgen import SCENARIOS, LoadSpec, run_load
 from bench.prefill import database_facts, month_start, prefill
 
@@ -62,6 +63,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--growth-rate", type=float, default=200.0, help="open-loop calls/s in --growth (default 200)")
     add("--profile", action="store_true", help="py-spy the broker during each scenario (figures skew)")
     add("--profile-native", action="store_true", help="with --profile: C/Cython frames too")
+    add("--pgbouncer", action="store_true", help="the broker through pgbouncer (transaction mode)")
     add("--broker-env", action="append", default=[], metavar="K=V", help="extra broker environment")
     add("--out-dir", type=Path, default=BENCH_DIR, help="where results go (default bench/)")
     add("--keep-data", action="store_true", help="keep the temporary data dir and logs")
@@ -102,6 +104,7 @@ class Bench:
     broker: P.Proc | None = None
     noop: P.Proc | None = None
     target: str = ""
+    bouncer: pgbouncer.PgBouncer | None = None
 
     @property
     def data_dir(self) -> Path:
@@ -121,6 +124,23 @@ class Bench:
         self.admin_token = P.create_token(self.env, "bench", "admin")
         self.agent_token = P.create_token(self.env, "bench-agent", "agent")
         P.stop_embedded_postgres(self.data_dir)
+        if self.args.pgbouncer:
+            self.start_pgbouncer()
+
+    def start_pgbouncer(self) -> None:
+        """PostgreSQL kept up by this process, pgbouncer in front, the broker pointed at it with
+        the asyncpg settings that PgBouncer's version needs (README "PgBouncer")."""
+        from broker import embedded
+
+        self.bouncer = bouncer = pgbouncer.start(embedded.start_postgres(self.data_dir))
+        cache = "1024" if bouncer.max_prepared_statements else "0"
+        self.env.update(
+            KEYBROKER_DATABASE_URL=bouncer.dsn("postgres"),
+            KEYBROKER_MASTER_KEY=embedded.master_key(self.data_dir),
+            KEYBROKER_DB_STATEMENT_CACHE_SIZE=cache,
+        )
+        version = ".".join(map(str, bouncer.version))
+        say(f"pgbouncer {version} on port {bouncer.port}: transaction mode, statement cache {cache}")
 
     def start_broker(self, workers: int | None) -> None:
         name = f"broker-w{workers or 1}"
@@ -132,7 +152,8 @@ class Bench:
         if self.broker is not None:
             self.procs.stop(self.broker, grace=20.0)
             self.broker = None
-        P.stop_embedded_postgres(self.data_dir)
+        if self.bouncer is None:  # behind pgbouncer, PostgreSQL is this process's, until the end
+            P.stop_embedded_postgres(self.data_dir)
 
     def check_broker(self, target: str) -> None:
         """Fail fast, with its log, when the broker under test has died."""
@@ -147,6 +168,7 @@ class Bench:
         groups = {
             "server": [server.pid] if server else [],
             "postgres": [found[0]] if found and target == self.target else [],
+            "pgbouncer": [self.bouncer.pid] if self.bouncer and target == self.target else [],
         }
         return lambda loadgen: P.cpu_seconds({**groups, "loadgen": loadgen})
 
@@ -187,6 +209,7 @@ class Bench:
             f"  {label:<8} {name or SCENARIOS[scenario]:<36} {stats['throughput']:8.0f} calls/s  "
             f"p50 {stats['p50_ms']:7.2f} ms  p99 {stats['p99_ms']:7.2f} ms  errors {stats['errors']}  "
             f"CPU µs/call server {per_call.get('server', 0):.0f} pg {per_call.get('postgres', 0):.0f}"
+            + (f" pgbouncer {per_call.get('pgbouncer', 0):.0f}" if self.bouncer else "")
         )
         for sample in stats["error_samples"][:2]:
             say(f"           e.g. {sample}")
@@ -239,6 +262,13 @@ def run_main(bench: Bench) -> dict[str, Any]:
     bench.noop, noop_port = P.start_noop(bench.procs)
     noop_target = f"127.0.0.1:{noop_port}"
     results: dict[str, Any] = {"noop": {}, "broker": {}, "steady": {}, "notes": []}
+    if bench.bouncer is not None:
+        cache = bench.env["KEYBROKER_DB_STATEMENT_CACHE_SIZE"]
+        results["notes"].append(
+            f"broker → PgBouncer {'.'.join(map(str, bench.bouncer.version))} (transaction mode, "
+            f"pool 20) → PostgreSQL; KEYBROKER_DB_STATEMENT_CACHE_SIZE={cache}; PgBouncer's own CPU "
+            "is in results.json (cpu_us_per_call.pgbouncer), not in the PostgreSQL column"
+        )
     facts: dict[str, Any] = {}
     for workers in args.workers:
         if not supports_workers and workers != 1:
@@ -368,11 +398,14 @@ def main(argv: list[str] | None = None) -> int:
                 results = run_growth(bench) if args.growth else run_main(bench)
             finally:
                 procs.close()
+                if bench.bouncer is not None:
+                    bench.bouncer.stop()
                 P.stop_embedded_postgres(bench.data_dir)
         results["machine"] = {**facts, **results.pop("database")}
         results["settings"] = settings
         results["command"] = command
         stem, render = ("growth", render_growth) if args.growth else ("results", render_main)
+        stem += "-pgbouncer" if args.pgbouncer else ""
         markdown = render(results, command)
         paths = report.write(args.out_dir, stem, results, markdown)
         say("\n" + markdown)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
+import os
 import secrets
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -23,6 +25,7 @@ from broker.key_reports import KeyReports
 from broker.keys import KeyService
 from broker.leases import Leases
 from broker.ledger import Ledger
+from broker.metrics import Metrics
 from broker.migrations import migrate
 from broker.openrouter import OpenRouterClient
 from broker.reconcile import Reconciler
@@ -50,6 +53,7 @@ class Runtime:
     leases: Leases
     # Alert delivery, anomaly detection and rate-window pruning (background tasks).
     alerts: AlertJobs
+    metrics: Metrics
     sandbox_url: str | None = None
 
 
@@ -90,11 +94,24 @@ async def open_runtime(
         if management_key is None:
             management_key = secrets.token_urlsafe(24)
             sandbox_url = base_url = await stack.enter_async_context(_sandbox(management_key))
-        provider = OpenRouterClient(base_url, management_key, timeout_seconds=settings.provider_timeout)
+        metrics = Metrics()
+        metrics.watch_pool(
+            lambda: db.pool.get_size() - db.pool.get_idle_size(), lambda: db.pool.get_idle_size()
+        )
+        provider = OpenRouterClient(
+            base_url,
+            management_key,
+            timeout_seconds=settings.provider_timeout,
+            observer=metrics.observe_provider,
+        )
         stack.push_async_callback(provider.aclose)
         keys = KeyService(db, provider, ring, clock, settings.intent_timeout)
         alerts = AlertJobs.build(db, clock, settings)
         stack.push_async_callback(alerts.aclose)
+        alerts.dispatcher.on_dispatched = metrics.observe_alerts
+        ledger = Ledger(db, clock, settings.reservation_ttl, settings.alert_thresholds)
+        ledger.on_recorded = metrics.record_spend
+        ledger.on_open_reservations = metrics.open_reservations.set
         yield Runtime(
             settings=settings,
             clock=clock,
@@ -102,12 +119,13 @@ async def open_runtime(
             ring=ring,
             provider=provider,
             keys=keys,
-            ledger=Ledger(db, clock, settings.reservation_ttl, settings.alert_thresholds),
+            ledger=ledger,
             authority=TokenAuthority(db, clock, settings.token_cache_seconds),
             reports=KeyReports(keys, settings.invalid_report_interval),
             reconciler=Reconciler(keys, settings.drift_tolerance_usd),
             leases=Leases(db, clock),
             alerts=alerts,
+            metrics=metrics,
             sandbox_url=sandbox_url,
         )
 
@@ -130,8 +148,9 @@ async def _sandbox(management_key: str) -> AsyncIterator[str]:
 
 
 @asynccontextmanager
-async def serving(runtime: Runtime) -> AsyncIterator[BrokerServer]:
-    """The gRPC server and background tasks, running until the block exits (then drained)."""
+async def serving(runtime: Runtime, *, reuse_port: bool = False) -> AsyncIterator[BrokerServer]:
+    """The gRPC server and background tasks, running until the block exits (then drained).
+    `reuse_port`: SO_REUSEPORT, for the workers of `keybroker serve --workers N` (broker/workers.py)."""
     # Read the certificate and JWKS files first: a bad file is a ConfigError before anything starts.
     credentials = tls.server_credentials(runtime.settings)
     user_binding = UserBinding.from_settings(runtime.settings)
@@ -146,6 +165,8 @@ async def serving(runtime: Runtime) -> AsyncIterator[BrokerServer]:
             runtime.reports,
             runtime.reconciler,
             user_binding=user_binding,
+            reuse_port=reuse_port,
+            call_observer=runtime.metrics.observe_rpc,
         )
         port = await server.start(runtime.settings.listen, credentials)
         tasks = BackgroundTasks(
@@ -153,18 +174,26 @@ async def serving(runtime: Runtime) -> AsyncIterator[BrokerServer]:
                 runtime.settings, runtime.keys, runtime.ledger, runtime.reconciler, runtime.alerts
             ),
             runtime.leases,
+            observe=runtime.metrics.observe_task,
         )
         server.background = tasks
         tasks.start()
         database_health = DatabaseHealthWatch(runtime.db, server.set_serving)
         database_health.start()
-        log.info("keybroker listening on port %d", port, extra={"port": port})
+        if runtime.settings.metrics_listen is not None:
+            runtime.metrics.serve(runtime.settings.metrics_listen)
+        # Everything built so far lives until shutdown: keep it out of the garbage collector's
+        # scans, which otherwise show up as pauses on the hot path.
+        gc.freeze()
+        # The pid tells the workers of `serve --workers N` apart (they share the port).
+        log.info("keybroker listening on port %d (pid %d)", port, os.getpid(), extra={"port": port})
         try:
             yield server
         finally:
             await database_health.stop()
             await tasks.stop()
             await server.stop(runtime.settings.shutdown_grace)
+            runtime.metrics.close()
     finally:
         await events.close()
 

@@ -61,19 +61,26 @@ def broker_tasks(
 
         tasks.append(Task("rotate-due", max(every, timedelta(seconds=30)), rotate_due))
     if alerts is not None:
-        minutely = max(every, timedelta(seconds=60))
+        slow = max(every, settings.anomaly_interval)
         tasks += [
             Task("dispatch-alerts", every, alerts.dispatcher.dispatch_due),
-            Task("detect-anomalies", minutely, alerts.detector.detect),
-            Task("prune-rate-windows", minutely, alerts.pruner.prune),
+            Task("detect-anomalies", slow, alerts.detector.detect),
+            Task("prune-rate-windows", slow, alerts.pruner.prune),
         ]
     return tasks
 
 
 class BackgroundTasks:
-    def __init__(self, tasks: list[Task], leases: Leases) -> None:
+    def __init__(
+        self,
+        tasks: list[Task],
+        leases: Leases,
+        observe: Callable[[str, bool], None] | None = None,
+    ) -> None:
         self.tasks = tasks
         self.leases = leases
+        # Told of every run on this replica: (task name, failed). The metrics use it.
+        self.observe = observe
         self.runs: Counter[str] = Counter()
         self._running: list[asyncio.Task[None]] = []
 
@@ -102,10 +109,14 @@ class BackgroundTasks:
 
     async def _loop(self, task: Task) -> None:
         while True:
+            failed = True
             try:
-                await self.run_once(task)
+                ran = await self.run_once(task)
+                failed = False
             except KeybrokerError as exc:
                 log.warning("background %s failed: %s (%s)", task.name, exc.message, exc.reason)
             except Exception:
                 log.exception("background %s failed", task.name)
+            if self.observe is not None and (failed or ran):
+                self.observe(task.name, failed)
             await asyncio.sleep(task.interval.total_seconds())

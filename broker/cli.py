@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from broker import cli_ops, cli_remote, cli_reports, embedded, logs, tls
+from broker import cli_ops, cli_remote, cli_reports, embedded, logs, tls, workers
 from broker.app import open_runtime, run_until_signal, serving
 from broker.config import ConfigError, Settings, load_settings
 from broker.errors import KeybrokerError
@@ -31,6 +31,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run the gRPC broker")
     serve.add_argument("--listen", help="HOST:PORT (default KEYBROKER_LISTEN or 127.0.0.1:50051)")
+    serve.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=1,
+        help="server processes sharing the port (SO_REUSEPORT), each with its own database pool; "
+        "clients need several channels to spread over them (default 1)",
+    )
+    serve.add_argument(workers.WORKER_FLAG, type=int, help=argparse.SUPPRESS)  # set by the supervisor
     commands.add_parser("migrate", help="apply pending database migrations and exit")
     sandbox = commands.add_parser("sandbox", help="serve the local OpenRouter sandbox API under /api/v1")
     sandbox.add_argument("--listen", default="127.0.0.1:8787", help="HOST:PORT (default 127.0.0.1:8787)")
@@ -182,7 +190,8 @@ async def dispatch(args: argparse.Namespace, settings: Settings) -> int:
     if remote is not None:
         return await run_remote(remote, args, settings)
     if args.command == "serve":
-        return await serve(settings.with_overrides(listen=args.listen) if args.listen else settings)
+        settings = settings.with_overrides(listen=args.listen) if args.listen else settings
+        return await serve(settings, args.workers, args.pool_worker)
     if args.command == "sandbox":
         from broker.sandbox import run_sandbox
 
@@ -230,14 +239,35 @@ async def token_command(runtime: Any, args: argparse.Namespace) -> int:
     return 0
 
 
-async def serve(settings: Settings) -> int:
-    async with open_runtime(settings) as runtime, serving(runtime) as server:
+async def serve(settings: Settings, worker_count: int = 1, pool_worker: int | None = None) -> int:
+    """One server process; or, with `worker_count` > 1, the supervisor of that many (each then
+    runs this with `pool_worker` set: SO_REUSEPORT on, no dev token, no grpcurl example)."""
+    if worker_count > 1 and pool_worker is None:
+        return await workers.supervise(settings, worker_count, announce_dev_token)
+    reuse_port = pool_worker is not None
+    async with open_runtime(settings) as runtime, serving(runtime, reuse_port=reuse_port) as server:
+        if pool_worker is not None:
+            await workers.run_worker(server)
+            return 0
         if settings.embedded_database:
-            await dev_token(runtime, settings.data_dir)
             host = settings.listen.rsplit(":", 1)[0]
-            print_grpcurl_example(f"{host}:{server.port}", settings.data_dir / embedded.DEV_TOKEN_FILE)
+            await announce_dev_token(runtime, f"{host}:{server.port}")
         await run_until_signal(server)
     return 0
+
+
+async def announce_dev_token(runtime: Any, target: str) -> None:
+    """Embedded mode: make sure the dev token works, and print how to call the broker with it."""
+    data_dir = runtime.settings.data_dir
+    await dev_token(runtime, data_dir)
+    print_grpcurl_example(target, data_dir / embedded.DEV_TOKEN_FILE)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
 
 
 async def dev_token(runtime: Any, data_dir: Path) -> str:

@@ -68,6 +68,11 @@ class Settings:
     # ANOMALY when spend in the current hour > factor x trailing hourly average and > floor.
     anomaly_factor: Decimal = Decimal(5)
     anomaly_floor_usd: Decimal = Decimal(1)
+    # How often anomaly detection and pruning of old rate-limit windows run (at least
+    # background_interval).
+    anomaly_interval: timedelta = timedelta(seconds=60)
+    # Prometheus endpoint HOST:PORT (KEYBROKER_METRICS_LISTEN; "off" disables it).
+    metrics_listen: str | None = "127.0.0.1:9464"
     # Caller token the command line uses for gRPC commands (KEYBROKER_TOKEN).
     cli_token: str | None = None
     # Transport security (see broker/tls.py). Server: certificate chain and key (both or neither);
@@ -156,12 +161,14 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         ),
         shutdown_grace=_float(env, "KEYBROKER_SHUTDOWN_GRACE", defaults.shutdown_grace),
         cli_token=get("KEYBROKER_TOKEN"),
+        metrics_listen=_metrics_listen(get("KEYBROKER_METRICS_LISTEN")),
         alert_thresholds=_thresholds(env, "KEYBROKER_ALERT_THRESHOLDS", defaults.alert_thresholds),
         alert_webhooks=tuple(
             url.strip() for url in (get("KEYBROKER_ALERT_WEBHOOKS") or "").split(",") if url.strip()
         ),
         anomaly_factor=_usd(env, "KEYBROKER_ANOMALY_FACTOR", defaults.anomaly_factor),
         anomaly_floor_usd=_usd(env, "KEYBROKER_ANOMALY_FLOOR_USD", defaults.anomaly_floor_usd),
+        anomaly_interval=_positive_duration(env, "KEYBROKER_ANOMALY_INTERVAL", defaults.anomaly_interval),
         intent_timeout=_positive_duration(env, "KEYBROKER_INTENT_TIMEOUT", defaults.intent_timeout),
         reconcile_interval=_duration(env, "KEYBROKER_RECONCILE_INTERVAL", defaults.reconcile_interval),
         drift_tolerance_usd=_usd(env, "KEYBROKER_DRIFT_TOLERANCE_USD", defaults.drift_tolerance_usd),
@@ -181,6 +188,12 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         user_jwt_audience=get("KEYBROKER_USER_JWT_AUDIENCE"),
         user_jwt_leeway=_duration(env, "KEYBROKER_USER_JWT_LEEWAY", defaults.user_jwt_leeway),
     )
+
+
+def child_environment(overrides: Mapping[str, str]) -> dict[str, str]:
+    """This process's environment with `overrides`: for the workers of `serve --workers N`,
+    which read their Settings from it (kept here: nothing else reads os.environ)."""
+    return {**os.environ, **overrides}
 
 
 def _path(value: str | None) -> Path | None:
@@ -245,6 +258,17 @@ def _positive_duration(env: Mapping[str, str], name: str, default: timedelta) ->
     if value <= timedelta(0):
         raise ConfigError(f"{name}: must be greater than zero")
     return value
+
+
+def _metrics_listen(raw: str | None) -> str | None:
+    if raw is None:
+        return Settings.metrics_listen
+    if raw.lower() in ("off", "none", "0"):
+        return None
+    _, sep, port = raw.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise ConfigError("KEYBROKER_METRICS_LISTEN: must be HOST:PORT or off")
+    return raw
 
 
 def _thresholds(

@@ -59,6 +59,10 @@ class Database:
                 statement_cache_size=settings.db_statement_cache_size,
                 max_inactive_connection_lifetime=60.0,
                 server_settings={"application_name": "keybroker"},
+                # No session state is ever left on a pooled connection (every statement is its
+                # own transaction; locks are transaction-level; LISTEN uses its own connection),
+                # so skip asyncpg's reset query, a second round trip on every release.
+                reset=_no_session_state_to_reset,
             )
         except UNREACHABLE as exc:
             raise DatabaseUnavailable(f"cannot connect to the database ({type(exc).__name__})") from exc
@@ -67,6 +71,7 @@ class Database:
             dsn,
             timeout=settings.db_connect_timeout,
             command_timeout=settings.db_command_timeout,
+            statement_cache_size=settings.db_statement_cache_size,  # PgBouncer < 1.21: 0
             server_settings={"application_name": "keybroker"},
         )
         return database
@@ -112,13 +117,28 @@ class Database:
         conflicts (deadlock, serialization, and the caller's own `retry_on`)."""
         for attempt in range(1, MAX_ATTEMPTS + 1):
             try:
-                async with self.connection() as conn:
-                    return await work(conn)
+                return await self._on_pooled_connection(work)
             except (*RETRYABLE, *retry_on):
                 if attempt == MAX_ATTEMPTS:
                     raise DatabaseUnavailable("the database kept aborting the transaction") from None
                 await asyncio.sleep(0.005 * attempt)
         raise AssertionError("unreachable")
+
+    async def _on_pooled_connection(self, work: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+        """`connection()` without its two generator-based context managers: this is every hot-path
+        RPC's way to the database, and those cost ~10 µs of CPU per call (bench, issue 6)."""
+        pool = self.pool
+        try:
+            conn = await pool.acquire(timeout=self.acquire_timeout)
+            try:
+                return await work(conn)
+            finally:
+                await pool.release(conn)
+        except DatabaseUnavailable:
+            raise
+        except UNREACHABLE as exc:
+            log.warning("database unavailable: %s", type(exc).__name__)
+            raise DatabaseUnavailable("the database is unavailable") from exc
 
     async def ping(self) -> bool:
         try:
@@ -126,6 +146,10 @@ class Database:
         except DatabaseUnavailable:
             return False
         return True
+
+
+async def _no_session_state_to_reset(conn: asyncpg.Connection) -> None:
+    return None
 
 
 @asynccontextmanager

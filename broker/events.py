@@ -310,7 +310,11 @@ class KeyEventHub:
         """Keep one LISTEN connection open, reconnecting with jittered exponential backoff."""
         delay = 0.1
         while True:
-            outcome = await self._listen_once()
+            try:
+                outcome = await self._listen_once()
+            except Exception:
+                log.exception("key events: the LISTEN task failed; retrying")
+                outcome = "unreachable"
             if outcome == "impossible":
                 return  # LISTEN does not work here: polling alone it is
             if outcome == "lost":

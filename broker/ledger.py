@@ -8,6 +8,7 @@ only turns outcomes into results or domain errors.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from decimal import Decimal
@@ -72,6 +73,10 @@ class Ledger:
         self.clock = clock
         self.reservation_ttl = reservation_ttl
         self.alert_thresholds = alert_thresholds
+        # Told of each newly recorded call (model, cost): the metrics count spend by model.
+        self.on_recorded: Callable[[str, Decimal], None] | None = None
+        # Told the number of open reservations after each expiry sweep (a metrics gauge).
+        self.on_open_reservations: Callable[[int], None] | None = None
 
     async def check_limit(
         self, user_id: str, estimate: Decimal | None, request_id: str | None
@@ -105,6 +110,8 @@ class Ledger:
         )
         if row.outcome == "no_key":
             raise NoApiKey(usage.user_id)
+        if not row.duplicate and self.on_recorded is not None:
+            self.on_recorded(usage.model, usage.cost_usd)
         return UsageResult(row.duplicate, row.spent_usd, row.remaining_usd, row.over_limit)
 
     async def release_reservation(self, user_id: str, reservation_id: uuid.UUID) -> tuple[bool, Decimal]:
@@ -116,7 +123,10 @@ class Ledger:
     async def release_expired(self) -> int:
         """Background sweep so stale reservations stop showing in listings; returns users swept."""
         now = self.clock()
-        return await ledger_store.release_all_expired(self.db, now, period_start(now))
+        swept = await ledger_store.release_all_expired(self.db, now, period_start(now))
+        if self.on_open_reservations is not None:
+            self.on_open_reservations(await ledger_store.count_open_reservations(self.db, now))
+        return swept
 
     async def usage_summary(self, user_id: str, month: date | None) -> UsageSummary:
         month = month or period_start(self.clock())

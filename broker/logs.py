@@ -13,7 +13,7 @@ import sys
 from datetime import UTC, datetime
 
 SECRET_SHAPES = re.compile(r"sk-or-v1-[0-9a-f]{8,}|kbt_[0-9a-f]{16}_[A-Za-z0-9_-]{10,}")
-EXTRA_FIELDS = ("rpc", "status", "caller", "user_id", "request_id", "port")
+EXTRA_FIELDS = ("rpc", "status", "duration_ms", "caller", "user_id", "request_id", "port")
 
 
 def scrub(text: str) -> str:
@@ -26,6 +26,10 @@ class ScrubFilter(logging.Filter):
         cleaned = scrub(message)
         if cleaned != message:
             record.msg, record.args = cleaned, None
+        for name in EXTRA_FIELDS:
+            value = getattr(record, name, None)
+            if isinstance(value, str):
+                setattr(record, name, scrub(value))
         return True
 
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import enum
 import json
+import time
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from types import TracebackType
@@ -19,7 +20,7 @@ from typing import Any, Final, Self
 
 import httpx
 
-from broker.errors import ProviderKeyNotFound, ProviderRejected, ProviderUnavailable
+from broker.errors import ProviderError, ProviderKeyNotFound, ProviderRejected, ProviderUnavailable
 
 PAGE_SIZE: Final = 100
 _BACKOFF_SECONDS: Final = (0.2, 0.5, 1.0, 2.0)
@@ -70,6 +71,10 @@ def loads_json(text: str | bytes) -> Any:
 
 
 # --- response models ---------------------------------------------------------------------------
+
+
+# Told of every call: (endpoint, HTTP method, seconds, error reason or None). The metrics use it.
+ProviderObserver = Callable[[str, str, float, str | None], None]
 
 
 @dataclass(frozen=True)
@@ -147,8 +152,10 @@ class OpenRouterClient:
         timeout_seconds: float = 10.0,
         max_retries: int = 2,
         transport: httpx.AsyncBaseTransport | None = None,
+        observer: ProviderObserver | None = None,
     ) -> None:
         self._management_key = management_key
+        self._observer = observer
         self._max_retries = max(0, max_retries)
         self._http = httpx.AsyncClient(
             base_url=base_url.rstrip("/") + "/",
@@ -269,14 +276,23 @@ class OpenRouterClient:
         attempts = 1 + (self._max_retries if retries is None else retries)
         for attempt in range(attempts):
             response: httpx.Response | None = None
+            started = time.perf_counter()
             try:
                 response = await self._send(method, path, params, body, api_key)
-                return _decode(response, ok, user_key=api_key is not None)
-            except ProviderUnavailable:
-                if attempt + 1 >= attempts:
+                decoded = _decode(response, ok, user_key=api_key is not None)
+                self._observe(path, method, started, None)
+                return decoded
+            except ProviderError as error:
+                self._observe(path, method, started, error.reason)
+                if not isinstance(error, ProviderUnavailable) or attempt + 1 >= attempts:
                     raise
             await asyncio.sleep(_retry_delay(attempt, response))
         raise AssertionError("unreachable")
+
+    def _observe(self, path: str, method: str, started: float, error: str | None) -> None:
+        if self._observer is not None:
+            endpoint = "keys/{hash}" if path.startswith("keys/") else path
+            self._observer(endpoint, method, time.perf_counter() - started, error)
 
     async def _send(
         self,

@@ -94,7 +94,11 @@ class KeyMinter:
         if not claim.claimed:
             raise IntentBusy(claim.intent)
         if claim.took_over is not None:
-            await self.remove_orphans(name)  # the dead attempt may have made a key we cannot use
+            try:
+                await self.remove_orphans(name)  # the dead attempt may have made a key we cannot use
+            except ProviderError:
+                await intents_store.abandon(self.db, claim.intent)  # the next retry takes over again
+                raise
         self.crash_point("intent_claimed")
         try:
             created = await self.provider.create_key(name, limit)
@@ -154,6 +158,7 @@ class KeyMinter:
             removed = await self.remove_orphans(intent.provider_name)
         except ProviderError as exc:
             log.warning("create of %s failed and clean-up deferred: %s", intent.provider_name, exc.reason)
+            await intents_store.abandon(self.db, intent)
             return
         if removed:
             log.warning(

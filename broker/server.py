@@ -23,6 +23,7 @@ from broker.events import KeyEventHub
 from broker.key_reports import KeyReports
 from broker.keys import KeyService
 from broker.ledger import Ledger
+from broker.logs import scrub
 from broker.reconcile import Reconciler
 from broker.service import KeyBrokerService
 from broker.tls import is_loopback
@@ -36,11 +37,28 @@ SERVICE_NAMES = (
 )
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
 MAX_MESSAGE_BYTES = 1 << 20
+# The server's channel options; bench/noop_server.py builds its server with these too, so the
+# no-op ceiling cannot drift from the broker. SO_REUSEPORT is off by default (gRPC turns it on):
+# a second broker started by mistake on a busy port then fails instead of silently sharing it.
+SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.so_reuseport", 0),
+)
+
+
+def server_options(*, reuse_port: bool = False) -> list[tuple[str, int]]:
+    """SERVER_OPTIONS, with SO_REUSEPORT on for the workers of `keybroker serve --workers N`."""
+    return [
+        (name, int(reuse_port) if name == "grpc.so_reuseport" else value) for name, value in SERVER_OPTIONS
+    ]
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """The one place where domain errors become gRPC statuses with rich details; anything else
     is a bug: logged with its stack, answered INTERNAL without detail. Also logs each call."""
+
+    def __init__(self, observe: CallObserver | None = None) -> None:
+        self.observe = observe
 
     async def intercept_service(
         self,
@@ -51,19 +69,24 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return handler
         method = handler_call_details.method
+        observe = self.observe
         if handler.unary_unary is not None:
-            return handler._replace(unary_unary=_guard_call(handler.unary_unary, method))
+            return handler._replace(unary_unary=_guard_call(handler.unary_unary, method, observe))
         if handler.unary_stream is None:
             return handler
         if inspect.iscoroutinefunction(handler.unary_stream):  # streams with context.write()
-            return handler._replace(unary_stream=_guard_call(handler.unary_stream, method))
-        return handler._replace(unary_stream=_guard_stream(handler.unary_stream, method))
+            return handler._replace(unary_stream=_guard_call(handler.unary_stream, method, observe))
+        return handler._replace(unary_stream=_guard_stream(handler.unary_stream, method, observe))
+
+
+# Told of every finished call: (method, status code, seconds). The metrics use it.
+CallObserver = Callable[[str, grpc.StatusCode, float], None]
 
 
 Behavior = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
 
 
-def _guard_call(inner: Behavior, method: str) -> Behavior:
+def _guard_call(inner: Behavior, method: str, observe: CallObserver | None) -> Behavior:
     async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
         started = time.perf_counter()
         code = grpc.StatusCode.OK
@@ -76,7 +99,7 @@ def _guard_call(inner: Behavior, method: str) -> Behavior:
             code = _code_of(error, context)
             await _abort(error, context, method)
         finally:
-            _log_call(method, code, started, request)
+            _log_call(method, code, started, request, observe)
 
     return guarded
 
@@ -84,7 +107,7 @@ def _guard_call(inner: Behavior, method: str) -> Behavior:
 StreamBehavior = Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]
 
 
-def _guard_stream(inner: StreamBehavior, method: str) -> StreamBehavior:
+def _guard_stream(inner: StreamBehavior, method: str, observe: CallObserver | None) -> StreamBehavior:
     """The async-generator twin of `_guard_call`: same translation, logged when the stream ends."""
 
     async def guarded(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
@@ -100,7 +123,7 @@ def _guard_stream(inner: StreamBehavior, method: str) -> StreamBehavior:
             code = _code_of(error, context)
             await _abort(error, context, method)
         finally:
-            _log_call(method, code, started, request)
+            _log_call(method, code, started, request, observe)
 
     return guarded
 
@@ -129,18 +152,28 @@ async def _abort(error: Exception, context: grpc.aio.ServicerContext, method: st
     raise AssertionError("context.abort returned")
 
 
-def _log_call(method: str, code: grpc.StatusCode, started: float, request: Any) -> None:
+def _log_call(
+    method: str, code: grpc.StatusCode, started: float, request: Any, observe: CallObserver | None
+) -> None:
+    elapsed = time.perf_counter() - started
+    if observe is not None:
+        observe(method, code, elapsed)
+    if not log.isEnabledFor(logging.INFO):
+        return  # the common case in production: no per-call work beyond the metrics
     caller = current_caller.get()
     log.info(
         "rpc %s %s %.1fms",
         method,
         code.name,
-        (time.perf_counter() - started) * 1000,
+        elapsed * 1000,
         extra={
             "rpc": method,
             "status": code.name,
+            "duration_ms": round(elapsed * 1000, 3),
             "caller": caller.name if caller else None,
-            "user_id": getattr(request, "user_id", None) or None,
+            # Caller-supplied text: scrubbed, in case a client put a secret where it does not belong.
+            "user_id": scrub(getattr(request, "user_id", None) or "") or None,
+            "request_id": scrub(getattr(request, "request_id", None) or "") or None,
         },
     )
 
@@ -157,20 +190,21 @@ class BrokerServer:
         reports: KeyReports,
         reconciler: Reconciler,
         user_binding: UserBinding | None = None,
+        *,
+        reuse_port: bool = False,
+        call_observer: CallObserver | None = None,
     ) -> None:
         self.events = events
         # Outermost first: errors become statuses, then the caller token, then (when configured)
         # the end user's JWT for GetKey and CheckLimit.
-        interceptors: list[grpc.aio.ServerInterceptor] = [ErrorInterceptor(), AuthInterceptor(authority)]
+        interceptors: list[grpc.aio.ServerInterceptor] = [
+            ErrorInterceptor(call_observer),
+            AuthInterceptor(authority),
+        ]
         if user_binding is not None:
             interceptors.append(UserBindingInterceptor(user_binding))
-        self.server = grpc.aio.server(
-            interceptors=interceptors,
-            options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.so_reuseport", 0),
-            ],
-        )
+        options = server_options(reuse_port=reuse_port)
+        self.server = grpc.aio.server(interceptors=interceptors, options=options)
         pb_grpc.add_KeyBrokerServicer_to_server(KeyBrokerService(keys, ledger, events, reports), self.server)
         pb_grpc.add_KeyBrokerAdminServicer_to_server(
             KeyBrokerAdminService(keys, ledger, reconciler), self.server

@@ -120,6 +120,7 @@ def broker_settings(database_url: str, sandbox: Sandbox, data_dir: Path, **overr
         token_cache_seconds=0,
         background_interval=timedelta(milliseconds=100),
         reconcile_interval=timedelta(0),  # tests of the reconciler run it themselves
+        metrics_listen=None,  # tests of the metrics endpoint turn it on
         shutdown_grace=2.0,
     ).with_overrides(**overrides)
 

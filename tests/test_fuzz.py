@@ -23,7 +23,7 @@ import asyncpg
 import grpc
 import pytest
 from google.protobuf import descriptor, duration_pb2
-from hypothesis import HealthCheck, assume, event, given, settings
+from hypothesis import HealthCheck, currently_in_test_context, event, given, settings
 from hypothesis import strategies as st
 from keybroker.v1 import keybroker_pb2 as pb
 from keybroker.v1 import keybroker_pb2_grpc as pb_grpc
@@ -42,8 +42,6 @@ from tests.helpers import (
 
 SERVICES = (pb.DESCRIPTOR.services_by_name["KeyBroker"], pb.DESCRIPTOR.services_by_name["KeyBrokerAdmin"])
 METHODS = {method.name: method for service in SERVICES for method in service.methods}
-# RPCs another engineer is still building: fuzzed in their own (non-strict) xfail test.
-NOT_IMPLEMENTED_YET = ("ReportKeyInvalid", "Reconcile", "GetCostReport", "ListAlerts")
 UNARY = sorted(name for name, m in METHODS.items() if not (m.server_streaming or m.client_streaming))
 STREAMING = sorted(name for name, m in METHODS.items() if m.server_streaming or m.client_streaming)
 
@@ -100,7 +98,7 @@ def weighted(*choices: tuple[int, st.SearchStrategy[Any]]) -> st.SearchStrategy[
 
 
 # Text without lone surrogates (protobuf strings are UTF-8) but with every other kind of character.
-any_text = st.text(st.characters(exclude_categories=("Cs",)), max_size=300)
+any_text = st.text(st.characters(exclude_categories=["Cs"]), max_size=300)
 long_text = st.builds(
     lambda unit, n: (unit * n)[:n],
     st.sampled_from(["a", "\x00", "é", "😀", "-", "9", " "]),
@@ -311,6 +309,7 @@ def field_of(field: descriptor.FieldDescriptor) -> Field:
         bits = 64 if field.type in (FD.TYPE_UINT64, FD.TYPE_FIXED64) else 32
         return Field(st.integers(0, 1000), st.integers(0, 2**bits - 1))
     if field.type == FD.TYPE_ENUM:  # proto3 enums are open: unknown numbers arrive too
+        assert field.enum_type is not None
         return Field(st.sampled_from([v.number for v in field.enum_type.values]), int32s)
     if field.type in (FD.TYPE_DOUBLE, FD.TYPE_FLOAT):
         return Field(st.floats(0, 1000), st.floats())
@@ -398,11 +397,12 @@ class Fuzzed:
 
     def unary(self, name: str) -> Callable[..., Any]:
         method = METHODS[name]
-        return self.broker.channel.unary_unary(
+        call: Callable[..., Any] = self.broker.channel.unary_unary(
             f"/{method.containing_service.full_name}/{method.name}",
             request_serializer=message_class(method.input_type).SerializeToString,
             response_deserializer=message_class(method.output_type).FromString,
         )
+        return call
 
     async def exercise(self, name: str, request: Any) -> grpc.StatusCode:
         """Send `request`; check the answer; on INVALID_ARGUMENT check that nothing was written."""
@@ -419,7 +419,8 @@ class Fuzzed:
             code = error.code()
         else:
             code = grpc.StatusCode.OK
-        event(f"{name}: {code.name}")  # the spread shows with --hypothesis-show-statistics
+        if currently_in_test_context():
+            event(f"{name}: {code.name}")  # the spread shows with --hypothesis-show-statistics
         return code
 
 
@@ -466,44 +467,6 @@ async def fuzzed(
         await sandbox.stop()
 
 
-# --- known bugs ---------------------------------------------------------------------------------
-#
-# Requests that hit a bug already pinned down by a strict xfail test below are left out of the random
-# search, so that it keeps looking for new ones. Remove an entry when its xfail test passes.
-
-TIMEDELTA_SECONDS = 999_999_999 * 86_400  # datetime.timedelta cannot hold more
-TRAILING_NEWLINE_ID = re.compile(r"[A-Za-z0-9._:@-]{1,128}\n")
-
-
-def durations_in(request: Any) -> list[duration_pb2.Duration]:
-    return [value for _, value in request.ListFields() if isinstance(value, duration_pb2.Duration)]
-
-
-def hits_a_known_bug(rpc: str, request: Any) -> bool:
-    if any(abs(d.seconds) >= TIMEDELTA_SECONDS for d in durations_in(request)):
-        return True  # BUG_DURATION_OVERFLOW
-    user_id = getattr(request, "user_id", "")
-    return rpc == "ProvisionKey" and TRAILING_NEWLINE_ID.fullmatch(user_id) is not None  # BUG_LENIENT_REGEX
-
-
-BUG_LENIENT_REGEX = (
-    "BUG: broker/validation.py matches ^...$ patterns with re.match, and $ also matches before a final "
-    "newline, so 'alice\\n' passes user_id validation; ProvisionKey then fails the users CHECK constraint "
-    "(INTERNAL) and the other RPCs answer NOT_FOUND. Fix: re.fullmatch (or \\Z), [0-9] for \\d."
-)
-BUG_DURATION_OVERFLOW = (
-    "BUG: broker/convert.py duration() builds timedelta(seconds=...) from any int64, which raises "
-    "OverflowError (INTERNAL) past 999999999 days. Fix: range-check Duration.seconds/nanos before "
-    "converting and answer INVALID_ARGUMENT."
-)
-BUG_COUNTER_OVERFLOW = (
-    "BUG: usage_periods.spent_usd/reserved_usd (and usage_ledger.*_after_usd) are NUMERIC(24,10), 14 "
-    "integer digits, while each amount may have 12: the 101st largest amount raises numeric_value_out_"
-    "of_range (INTERNAL) and wedges the user's month. Fix: unconstrained NUMERIC for running totals, or "
-    "map SQLSTATE 22003 to a documented refusal."
-)
-
-
 @pytest.fixture
 async def fuzzed_users(fuzzed: Fuzzed) -> Fuzzed:
     """Before each test (not each example): the known users have active keys again, whatever the
@@ -528,26 +491,16 @@ async def fuzzed_users(fuzzed: Fuzzed) -> Fuzzed:
 # --- the fuzz tests ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("rpc", [name for name in UNARY if name not in NOT_IMPLEMENTED_YET])
+@pytest.mark.parametrize("rpc", UNARY)
 @FUZZ
 @given(data=st.data())
 async def test_fuzzed_requests_get_documented_answers_and_rejections_write_nothing(
     fuzzed_users: Fuzzed, rpc: str, data: st.DataObject
 ) -> None:
     request = data.draw(message_strategy(METHODS[rpc].input_type), label="request")
-    assume(not hits_a_known_bug(rpc, request))
     await fuzzed_users.exercise(rpc, request)
 
 
-@pytest.mark.xfail(reason="not implemented yet", strict=False)
-@pytest.mark.parametrize("rpc", NOT_IMPLEMENTED_YET)
-@settings(FUZZ, max_examples=25)
-@given(data=st.data())
-async def test_fuzzed_requests_to_the_rpcs_being_built(
-    fuzzed_users: Fuzzed, rpc: str, data: st.DataObject
-) -> None:
-    request = data.draw(message_strategy(METHODS[rpc].input_type), label="request")
-    await fuzzed_users.exercise(rpc, request)
 
 
 @settings(FUZZ, max_examples=6)
@@ -576,7 +529,6 @@ def test_every_rpc_of_the_contract_is_fuzzed() -> None:
 # --- targeted cases that random search reaches too rarely -----------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=BUG_LENIENT_REGEX)
 async def test_a_value_with_a_trailing_newline_is_not_a_valid_user_id(fuzzed: Fuzzed) -> None:
     """`^...$` in Python also matches before a final newline; the contract's character set has none."""
     for user in ("fuzz-new\n", "fuzz-free\n"):
@@ -592,9 +544,12 @@ async def test_a_value_with_a_trailing_newline_is_not_a_valid_user_id(fuzzed: Fu
             assert await fuzzed.exercise(rpc, request) == grpc.StatusCode.INVALID_ARGUMENT, (rpc, user)
 
 
-@pytest.mark.xfail(strict=True, reason=BUG_COUNTER_OVERFLOW)
-async def test_spend_beyond_what_the_monthly_counter_holds_is_refused_not_internal(fuzzed: Fuzzed) -> None:
-    """Each amount may have 12 integer digits; 101 of the largest overflow a 14-digit counter."""
+async def test_spend_past_fourteen_digits_is_never_internal_and_counts_exactly_what_was_acknowledged(
+    fuzzed: Fuzzed,
+) -> None:
+    """Each amount may have 12 integer digits: 101 of the largest would overflow a NUMERIC(24,10)
+    counter. Whether the broker records or refuses the 101st, it answers a documented code and its
+    totals match its answers."""
     user = f"fuzz-whale-{uuid.uuid4().hex[:8]}"
     await fuzzed.broker.provision(user, tier="admin")
     largest = "999999999999.9999999999"
@@ -605,22 +560,32 @@ async def test_spend_beyond_what_the_monthly_counter_holds_is_refused_not_intern
         for i in range(101)
     ]
     assert codes[:100] == [grpc.StatusCode.OK] * 100
+    acknowledged = codes.count(grpc.StatusCode.OK)
     summary = await fuzzed.broker.admin.GetUsageSummary(
         pb.GetUsageSummaryRequest(user_id=user), metadata=fuzzed.broker.as_admin()
     )
-    assert Decimal(summary.total_cost_usd) == 100 * Decimal(largest), "what was acknowledged is all counted"
+    assert summary.total_requests == acknowledged, "what was acknowledged is all counted, nothing else"
+    assert Decimal(summary.total_cost_usd) == acknowledged * Decimal(largest)
+    after = await fuzzed.exercise(
+        "RecordUsage", pb.RecordUsageRequest(user_id=user, request_id="small", cost_usd="0.01")
+    )
+    if codes[100] == grpc.StatusCode.OK:
+        assert after == grpc.StatusCode.OK, "the user's month is not wedged"
 
 
-@pytest.mark.xfail(strict=True, reason=BUG_COUNTER_OVERFLOW)
-async def test_reservations_beyond_what_the_monthly_counter_holds_are_refused_not_internal(
-    fuzzed: Fuzzed,
-) -> None:
+async def test_reservations_past_fourteen_digits_are_never_internal_and_add_up(fuzzed: Fuzzed) -> None:
     user = f"fuzz-reserver-{uuid.uuid4().hex[:8]}"
     await fuzzed.broker.provision(user, tier="admin")
-    for _ in range(101):
-        await fuzzed.exercise(
-            "CheckLimit", pb.CheckLimitRequest(user_id=user, estimated_cost_usd="999999999999.9999999999")
-        )
+    largest = "999999999999.9999999999"
+    codes = [
+        await fuzzed.exercise("CheckLimit", pb.CheckLimitRequest(user_id=user, estimated_cost_usd=largest))
+        for _ in range(101)
+    ]
+    assert codes[:100] == [grpc.StatusCode.OK] * 100
+    check = await fuzzed.broker.agent.CheckLimit(
+        pb.CheckLimitRequest(user_id=user), metadata=fuzzed.broker.as_agent()
+    )
+    assert Decimal(check.reserved_usd) == codes.count(grpc.StatusCode.OK) * Decimal(largest)
 
 
 # Requests that pass validation except for the Duration field under test.
@@ -643,7 +608,6 @@ def test_every_duration_field_has_a_base_request() -> None:
     assert {rpc for rpc, _ in DURATION_FIELDS} <= set(DURATION_BASES)
 
 
-@pytest.mark.xfail(strict=True, reason=BUG_DURATION_OVERFLOW)
 @pytest.mark.parametrize(("rpc", "field"), DURATION_FIELDS)
 async def test_durations_outside_the_documented_range_are_invalid_argument(
     fuzzed: Fuzzed, rpc: str, field: str

@@ -85,6 +85,12 @@ async def revoke(broker: Broker, user: str) -> pb.KeyInfo:
     return (await broker.admin.RevokeKey(request, metadata=broker.as_admin(), timeout=10)).key
 
 
+async def settle(broker: Broker) -> None:
+    """Let the hub deliver what is committed so far, so a stream opened next starts after it
+    (an event committed just before a subscription may otherwise still reach it: at least once)."""
+    await broker.server.events.poll()
+
+
 def check_event(event: pb.KeyEvent, kind: int, user: str, key_id: str, version: int) -> None:
     assert (event.type, event.user_id, event.key_id, event.key_version) == (kind, user, key_id, version)
     assert uuid.UUID(event.event_id) and event.event_time.seconds > 0
@@ -122,6 +128,7 @@ async def test_the_user_filter_passes_only_the_listed_users(
 ) -> None:
     for user in ("alice", "bob", "carol"):
         await broker.provision(user)
+    await settle(broker)
     only_bob = await watch(broker.channel, broker.agent_token, open_watches, ("bob", "nobody"))
     everyone = await watch(broker.channel, broker.agent_token, open_watches)
 
@@ -291,6 +298,7 @@ async def test_the_listen_connection_comes_back_after_the_database_drops_it(
 
 async def test_start_key_watch_drops_a_cached_key_when_another_caller_rotates_it(broker: Broker) -> None:
     await broker.provision("alice")
+    await settle(broker)
     heard: asyncio.Queue[pb.KeyEvent] = asyncio.Queue()
     async with KeyBrokerClient(broker.target, broker.agent_token) as client:
         await client.start_key_watch(["alice"], on_event=heard.put_nowait)

@@ -135,7 +135,8 @@ async def key_info(broker: Broker, user: str) -> pb.KeyInfo:
     reply = await broker.admin.GetKeyInfo(
         pb.GetKeyInfoRequest(user_id=user), metadata=broker.as_admin(), timeout=HOT_DEADLINE
     )
-    return reply.key
+    info: pb.KeyInfo = reply.key
+    return info
 
 
 @pytest.mark.parametrize("outage", FAILING, indirect=True)
@@ -257,19 +258,6 @@ async def test_after_recovery_the_provider_facing_rpcs_succeed_for_users_the_out
     assert all(count == 1 for count in live_keys(sandbox).values()), live_keys(sandbox)
 
 
-BUG_ABANDONED_INTENT = (
-    "BUG: broker/provisioning.py KeyMinter._abandon leaves the key intent 'pending' when the orphan "
-    "check cannot reach OpenRouter, and broker/keys.py KeyService._mint treats a pending intent of the "
-    "same request_id as a call still in flight and waits for it to go stale (intent_timeout, 30 s); a "
-    "different request_id gets ALREADY_EXISTS KEY_EXISTS (provision) or ABORTED CONCURRENT_ROTATION. So "
-    "after an outage, retrying ProvisionKey/RotateKey is blocked for up to 30 s. Fix: when the attempt "
-    "that owns the intent has ended (it returned an error), mark the intent abandoned (e.g. state "
-    "'abandoned' or update_time = -infinity) so the next claim takes it over at once and runs "
-    "remove_orphans before creating."
-)
-
-
-@pytest.mark.xfail(strict=True, reason=BUG_ABANDONED_INTENT)
 @pytest.mark.parametrize("outage", ["http-500"], indirect=True)  # the same for every kind of outage
 async def test_a_retry_of_a_failed_call_is_answered_promptly_during_and_after_the_outage(
     broker: Broker, sandbox: Sandbox, outage: Outage

@@ -209,6 +209,7 @@ async def test_each_background_task_runs_on_exactly_one_of_two_replicas(
     fast = {
         "background_interval": timedelta(milliseconds=50),
         "reconcile_interval": timedelta(milliseconds=200),
+        "anomaly_interval": timedelta(milliseconds=200),
     }
     master = generate_master_key()
     async with (

@@ -114,6 +114,18 @@ async def roll_back(db: Database, intent: Intent, now: datetime) -> bool:
         return await finish(conn, intent, "rolled_back", now)
 
 
+async def abandon(db: Database, intent: Intent) -> None:
+    """Our attempt failed but may have left a provider key we could not remove: mark the intent
+    dead at once, so the next claim (or the roll-back task) takes over and cleans up first."""
+    await db.execute(
+        """UPDATE key_intents SET update_time = '1970-01-01 00:00:00+00'
+           WHERE user_id = $1 AND key_version = $2 AND attempt = $3 AND state = 'pending'""",
+        intent.user_id,
+        intent.key_version,
+        intent.attempt,
+    )
+
+
 async def find(db: Database, user_id: str, key_version: int) -> Intent | None:
     row = await db.fetchrow(
         f"SELECT {_COLUMNS} FROM key_intents WHERE user_id = $1 AND key_version = $2",

@@ -163,6 +163,10 @@ async def release_all_expired(db: Database, now: datetime, period: date, batch: 
     return len(users)
 
 
+async def count_open_reservations(db: Database, now: datetime) -> int:
+    return int(await db.fetchval("SELECT count(*) FROM reservations WHERE expire_time > $1", now))
+
+
 async def period_totals(db: Database, user_id: str, period: date, now: datetime) -> tuple[Decimal, Decimal]:
     row = await db.fetchrow("SELECT * FROM kb_period_totals($1, $2, $3)", user_id, period, now)
     assert row is not None

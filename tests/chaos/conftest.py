@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-pytest_plugins = ["tests.chaos.summary"]
+from tests.chaos.summary import pytest_terminal_summary  # noqa: F401  (prints the scenario table)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

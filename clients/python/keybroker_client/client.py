@@ -412,7 +412,9 @@ class KeyBrokerClient:
     ) -> keybroker_pb2.GetCostReportResponse:
         """A cost report (admin): ``kind`` "daily" (per user and model for one UTC day, ``date``
         "YYYY-MM-DD", default today) or "monthly" (per user against the limit, ``month`` "YYYY-MM",
-        default this month)."""
+        default this month). Reports are not paged: past ~30,000 rows a reply outgrows gRPC's
+        default 4 MB receive limit; raise it with ``channel_options``
+        (``("grpc.max_receive_message_length", 64 << 20)``)."""
         request = messages.cost_report_request(kind, date=date, month=month)
         return await self._call(
             "KeyBrokerAdmin", "GetCostReport", request, keybroker_pb2.GetCostReportResponse, timeout
