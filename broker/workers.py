@@ -78,7 +78,7 @@ async def supervise(settings: Settings, workers: int, announce: Announce | None 
             url = await stack.enter_async_context(_sandbox(key))
             overrides |= {"OPENROUTER_MANAGEMENT_KEY": key, "OPENROUTER_BASE_URL": url}
             settings = settings.with_overrides(management_key=key, openrouter_base_url=url)
-        pool = WorkerPool(workers, listen, child_environment(overrides), settings.shutdown_grace)
+        pool = WorkerPool(workers, listen, child_environment(overrides), settings)
         try:
             if settings.embedded_database:
                 # Starts the server (this process keeps it until it exits) and migrates, once.
@@ -109,12 +109,22 @@ class _StopSignal:
         self.event.set()
 
 
+def metrics_listen(listen: str | None, index: int) -> str:
+    """Worker `index`'s KEYBROKER_METRICS_LISTEN: each worker has its own registry, so each serves
+    /metrics on a port of its own, the configured one plus its index (a scrape target each)."""
+    if listen is None:
+        return "off"
+    host, _, port = listen.rpartition(":")
+    return listen if int(port) == 0 else f"{host}:{int(port) + index}"
+
+
 class WorkerPool:
-    def __init__(self, size: int, listen: str, env: dict[str, str], grace: float) -> None:
+    def __init__(self, size: int, listen: str, env: dict[str, str], settings: Settings) -> None:
         self.size = size
         self.listen = listen
         self.env = env
-        self.grace = grace
+        self.grace = settings.shutdown_grace
+        self.metrics_listen = settings.metrics_listen
         self.procs: list[asyncio.subprocess.Process] = []
 
     async def start(self, stop: _StopSignal) -> None:
@@ -122,8 +132,9 @@ class WorkerPool:
             if stop.event.is_set():
                 return
             argv = [sys.executable, "-m", "broker", "serve", "--listen", self.listen]
+            env = {**self.env, "KEYBROKER_METRICS_LISTEN": metrics_listen(self.metrics_listen, index)}
             proc = await asyncio.create_subprocess_exec(
-                *argv, WORKER_FLAG, str(index), env=self.env, stdin=asyncio.subprocess.DEVNULL
+                *argv, WORKER_FLAG, str(index), env=env, stdin=asyncio.subprocess.DEVNULL
             )
             self.procs.append(proc)
         pids = ", ".join(str(proc.pid) for proc in self.procs)

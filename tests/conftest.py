@@ -29,6 +29,18 @@ from broker.server import BrokerServer
 TEMPLATE = "kb_template"
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    from tests import secret_watch
+
+    secret_watch.install()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    from tests import secret_watch
+
+    secret_watch.report(session)
+
+
 class TestClock:
     """Real time, shifted by `offset` (so a test can jump to next month)."""
 
