@@ -96,3 +96,20 @@ async def test_budget_and_unknown_user_errors_are_typed(broker: Broker, sandbox:
         assert exhausted.value.limit_usd == Decimal("0.0000001") and exhausted.value.usage_usd == Decimal(1)
         with pytest.raises(NoApiKeyError):
             await client.get_key("nobody")
+
+
+async def test_a_401_is_reported_and_the_call_retried_once_with_the_new_key(
+    broker: Broker, sandbox: Sandbox
+) -> None:
+    from broker.sandbox.state import KeyUpdate
+
+    await broker.provision("revived", limit="5")
+    async with KeyBrokerClient(broker.target, broker.agent_token) as client:
+        old = await client.get_key_cached("revived")
+        sandbox.state.update_key(old.key_id, KeyUpdate(disabled=True))  # OpenRouter now refuses it
+        reply = await client.openrouter_chat("revived", PAYLOAD, openrouter_base_url=str(sandbox.base_url))
+        assert reply["id"].startswith("gen-")
+        current = await client.get_key_cached("revived")
+        assert current.key_version == old.key_version + 1, "the broker confirmed the key dead and rotated"
+        check = await client.check_limit("revived")
+        assert Decimal(check.spent_usd) == reply["usage"]["cost"] and Decimal(check.reserved_usd) == 0

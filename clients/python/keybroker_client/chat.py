@@ -5,8 +5,9 @@ The flow (``openrouter_chat``):
 1. estimate the cost (``CostEstimator``) and reserve it with CheckLimit; a refusal raises
    ``BudgetExceededError`` before anything reaches OpenRouter;
 2. take the user's key from the cache, current as of the key version CheckLimit reports;
-3. POST ``{base}/chat/completions``; on failure release the reservation (and forget the key on 401)
-   and raise ``OpenRouterError``;
+3. POST ``{base}/chat/completions``; on 401 report the key with ReportKeyInvalid and, when the
+   broker has a newer key (it confirmed the old one dead and rotated, or ours was stale), retry
+   once with it; on any other failure release the reservation and raise ``OpenRouterError``;
 4. record the actual usage with RecordUsage under OpenRouter's generation id, retried on
    ``UnavailableError`` (the generation id makes retries idempotent).
 
@@ -52,6 +53,10 @@ class BrokerForChat(Protocol):
     ) -> keybroker_pb2.GetKeyResponse: ...
 
     def invalidate_key(self, user_id: str) -> None: ...
+
+    async def report_key_invalid(
+        self, user_id: str, key_id: str, http_status: int = ...
+    ) -> keybroker_pb2.ReportKeyInvalidResponse: ...
 
     async def release_reservation(
         self, user_id: str, reservation_id: str
@@ -103,7 +108,14 @@ async def openrouter_chat(
         # key_version 0 means the broker did not say; the cached key is then taken as current.
         key = await broker.get_key_cached(user_id, current_version=check.key_version or None)
         started = time.monotonic()
-        reply = await _post_completion(http_client, openrouter_base_url, key.api_key, payload, timeout)
+        try:
+            reply = await _post_completion(http_client, openrouter_base_url, key.api_key, payload, timeout)
+        except OpenRouterError as err:
+            if err.status != 401 or not await _replaced_after_401(broker, user_id, key):
+                raise
+            key = await broker.get_key_cached(user_id)  # the key the broker now hands out
+            started = time.monotonic()
+            reply = await _post_completion(http_client, openrouter_base_url, key.api_key, payload, timeout)
     except OpenRouterError as err:
         if err.status == 401:
             broker.invalidate_key(user_id)
@@ -123,6 +135,20 @@ async def openrouter_chat(
         duration=elapsed,
     )
     return reply
+
+
+async def _replaced_after_401(
+    broker: BrokerForChat, user_id: str, key: keybroker_pb2.GetKeyResponse
+) -> bool:
+    """Report the refused key; True when the broker now has another key for the user (it
+    confirmed ours dead and rotated it, or ours was already stale), so one retry makes sense."""
+    broker.invalidate_key(user_id)
+    reply = await broker.report_key_invalid(user_id, key.key_id, 401)
+    replaced = (
+        keybroker_pb2.KEY_REPORT_OUTCOME_ROTATED,
+        keybroker_pb2.KEY_REPORT_OUTCOME_STALE_KEY,
+    )
+    return reply.outcome in replaced and reply.key_id != key.key_id
 
 
 def ceil_usd(amount: Decimal) -> Decimal:
