@@ -38,7 +38,8 @@ from broker.ledger import seconds_to_next_minute
 from broker.openrouter import OpenRouterClient
 from broker.provisioning import IntentBusy, KeyMinter, Minted
 from broker.storage import intents_store, keys_store
-from broker.storage.keys_store import AuditEvent, KeyRecord, UserKey
+from broker.storage.audit_writes import AuditEvent
+from broker.storage.keys_store import KeyRecord, UserKey
 from broker.validation import USER_ID
 
 log = logging.getLogger("keybroker.keys")

@@ -107,9 +107,13 @@ class Metrics:
         """Serve /metrics on HOST:PORT in a thread (prometheus-client's server); returns the port,
         or 0 when it could not listen (logged: the broker keeps serving without metrics)."""
         host, _, port = listen.rpartition(":")
-        server, _thread = start_http_server(
-            int(port), addr=host.strip("[]") or "127.0.0.1", registry=self.registry
-        )
+        try:
+            server, _thread = start_http_server(
+                int(port), addr=host.strip("[]") or "127.0.0.1", registry=self.registry
+            )
+        except OSError as exc:  # metrics must never take the broker down
+            log.error("metrics endpoint %s not started: %s", listen, exc.strerror or exc)
+            return 0
         self._server = server
         bound = self.port = int(server.server_port)
         log.info("metrics on http://%s:%d/metrics", host or "127.0.0.1", bound)

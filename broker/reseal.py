@@ -18,7 +18,7 @@ from broker.clock import Clock, system_clock
 from broker.config import ConfigError
 from broker.db import Database
 from broker.storage import reseal_store
-from broker.storage.keys_store import AuditEvent
+from broker.storage.audit_writes import AuditEvent
 from broker.storage.reseal_store import Resealed, SealedRow
 
 log = logging.getLogger("keybroker.reseal")

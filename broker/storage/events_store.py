@@ -1,9 +1,12 @@
-"""SQL of the key change log (table key_events, written by keys_store.key_event)."""
+"""SQL of the key change log (table key_events): appended in key-change transactions, read by
+the event hub."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+
+import asyncpg
 
 from broker.db import Database
 
@@ -47,3 +50,8 @@ async def events_after(
         limit,
     )
     return [KeyEvent(**dict(row)) for row in rows]
+
+
+async def key_event(conn: asyncpg.Connection, user_id: str, kind: str, key_id: str, key_version: int) -> None:
+    """Append to the key change log (WatchKeys); NOTIFY fires when the transaction commits."""
+    await conn.execute("SELECT kb_key_event($1, $2, $3, $4)", user_id, kind, key_id, key_version)

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal
-from typing import Any
 
 import asyncpg
 
 from broker.db import Database
 from broker.storage import intents_store
+from broker.storage.audit_writes import AuditEvent, insert_audit
+from broker.storage.events_store import key_event
 from broker.storage.intents_store import Intent
 
 _KEY_INFO = """
@@ -91,14 +91,6 @@ class KeyRecord:
     create_time: datetime
     retire_at: datetime | None
     retire_delete: bool
-
-
-@dataclass(frozen=True)
-class AuditEvent:
-    user_id: str
-    actor: str
-    action: str
-    details: dict[str, Any]
 
 
 async def disclose_key(db: Database, user_id: str, period: date, now: datetime, actor: str) -> Disclosure:
@@ -395,23 +387,6 @@ async def mark_retired(db: Database, key: KeyRecord, now: datetime) -> bool:
         )
         await insert_audit(conn, event, now)
     return True
-
-
-async def insert_audit(conn: asyncpg.Connection, event: AuditEvent, now: datetime) -> None:
-    """Append to the user's tamper-evident audit chain (see kb_audit in sql/0003)."""
-    await conn.execute(
-        "SELECT kb_audit($1, $2, $3, $4, $5::jsonb)",
-        event.user_id,
-        now,
-        event.actor,
-        event.action,
-        json.dumps(event.details, default=str),
-    )
-
-
-async def key_event(conn: asyncpg.Connection, user_id: str, kind: str, key_id: str, key_version: int) -> None:
-    """Append to the key change log (WatchKeys); NOTIFY fires when the transaction commits."""
-    await conn.execute("SELECT kb_key_event($1, $2, $3, $4)", user_id, kind, key_id, key_version)
 
 
 async def _insert_key(conn: asyncpg.Connection, key: NewKey, status: str) -> None:

@@ -9,7 +9,7 @@ from datetime import datetime
 import asyncpg
 
 from broker.db import Database
-from broker.storage.keys_store import AuditEvent, insert_audit
+from broker.storage.audit_writes import AuditEvent, insert_audit
 
 
 @dataclass(frozen=True)

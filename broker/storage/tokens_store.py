@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from broker.db import Database
-from broker.storage.keys_store import AuditEvent, insert_audit
+from broker.storage.audit_writes import AuditEvent, insert_audit
 
 
 @dataclass(frozen=True)
