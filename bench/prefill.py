@@ -48,6 +48,26 @@ SET spent_usd = usage_periods.spent_usd + excluded.spent_usd,
     request_count = usage_periods.request_count + excluded.request_count
 """
 
+# As sql/0004's back-fill, for the prefill rows `request_id BETWEEN $1 AND $2` only.
+ROLL_UP_DAILY = """
+INSERT INTO usage_daily AS d
+SELECT user_id, (record_time AT TIME ZONE 'UTC')::date, model, agent, count(*),
+       sum(prompt_tokens), sum(completion_tokens), sum(total_tokens), sum(cost_usd)
+FROM usage_ledger WHERE request_id BETWEEN $1 AND $2 GROUP BY 1, 2, 3, 4
+ON CONFLICT (user_id, day, model, agent) DO UPDATE
+SET requests = d.requests + excluded.requests, prompt_tokens = d.prompt_tokens + excluded.prompt_tokens,
+    completion_tokens = d.completion_tokens + excluded.completion_tokens,
+    total_tokens = d.total_tokens + excluded.total_tokens, cost_usd = d.cost_usd + excluded.cost_usd
+"""
+ROLL_UP_HOURLY = """
+INSERT INTO usage_hourly AS h
+SELECT user_id, date_trunc('hour', record_time AT TIME ZONE 'UTC') AT TIME ZONE 'UTC', count(*),
+       sum(cost_usd)
+FROM usage_ledger WHERE request_id BETWEEN $1 AND $2 GROUP BY 1, 2
+ON CONFLICT (user_id, hour) DO UPDATE
+SET requests = h.requests + excluded.requests, cost_usd = h.cost_usd + excluded.cost_usd
+"""
+
 
 def month_start(day: date, months_back: int) -> date:
     index = day.year * 12 + (day.month - 1) - months_back
@@ -110,8 +130,8 @@ async def prefill(
     log: Any = print,
 ) -> float:
     """COPY rows `first`..`first+rows-1` into usage_ledger (one transaction, with the period
-    counters); then VACUUM ANALYZE (as autovacuum would, eventually) and CHECKPOINT. Returns the
-    seconds taken."""
+    counters and the daily/hourly roll-ups); then VACUUM ANALYZE (as autovacuum would,
+    eventually) and CHECKPOINT. Returns the seconds taken."""
     if rows <= 0:
         return 0.0
     started = time.monotonic()
@@ -139,9 +159,16 @@ async def prefill(
                 for (user, period), n in counts.items()
             ]
             await conn.executemany(UPSERT_PERIOD, deltas, timeout=COPY_TIMEOUT)
+            # The roll-ups kb_record_usage keeps per call, for the same rows: without them a
+            # prefilled month's GetUsageSummary would read nothing and be fast for no reason.
+            ids = (f"prefill-{first:010d}", f"prefill-{first + rows - 1:010d}")
+            await conn.execute(ROLL_UP_DAILY, *ids, timeout=COPY_TIMEOUT)
+            await conn.execute(ROLL_UP_HOURLY, *ids, timeout=COPY_TIMEOUT)
             await verify_periods(conn, periods)
         await conn.execute("VACUUM (ANALYZE) usage_ledger", timeout=COPY_TIMEOUT)
         await conn.execute("VACUUM (ANALYZE) usage_periods", timeout=COPY_TIMEOUT)
+        await conn.execute("VACUUM (ANALYZE) usage_daily", timeout=COPY_TIMEOUT)
+        await conn.execute("VACUUM (ANALYZE) usage_hourly", timeout=COPY_TIMEOUT)
         # Write the loaded pages out now, not during the next measurement.
         await conn.execute("CHECKPOINT", timeout=COPY_TIMEOUT)
     finally:

@@ -53,7 +53,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--processes", type=int, default=2, help="load generator processes (default 2)")
     add("--channels", type=int, default=4, help="gRPC channels per load process (default 4)")
     add("--quick", action="store_true", help="smoke run: 2 s per scenario, 0.5 s warm-up")
-    add("--workers", default="1", help="broker worker counts to run, e.g. 1,2 (default 1)")
+    add("--workers", default="1,2", help="broker worker counts to run, e.g. 1 (default 1,2)")
     add("--scenarios", default=",".join(MAIN_SCENARIOS), help=f"subset of {','.join(MAIN_SCENARIOS)}")
     add("--steady-rate", type=float, default=500.0, help="open-loop CheckLimit calls/s (default 500)")
     add("--prefill", type=int, default=0, metavar="ROWS", help="usage_ledger rows to bulk-load first")
@@ -168,8 +168,9 @@ class Bench:
         groups = {
             "server": [server.pid] if server else [],
             "postgres": [found[0]] if found and target == self.target else [],
-            "pgbouncer": [self.bouncer.pid] if self.bouncer and target == self.target else [],
         }
+        if self.bouncer is not None and target == self.target:
+            groups["pgbouncer"] = [self.bouncer.pid]
         return lambda loadgen: P.cpu_seconds({**groups, "loadgen": loadgen})
 
     def measure(

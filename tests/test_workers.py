@@ -30,6 +30,7 @@ from broker.clock import system_clock
 from broker.config import Settings
 from broker.db import Database
 from broker.sandbox import Sandbox
+from broker.workers import metrics_listen
 
 LISTENING = re.compile(r"listening on port (\d+) \(pid (\d+)\)")
 TCP_LISTEN, TCP_ESTABLISHED = "0A", "01"
@@ -131,6 +132,7 @@ def pool_env(database_url: str, sandbox: Sandbox, data_dir: Path, port: int) -> 
         KEYBROKER_LISTEN=f"127.0.0.1:{port}",
         KEYBROKER_SHUTDOWN_GRACE="2",
         KEYBROKER_RECONCILE_INTERVAL="0",
+        KEYBROKER_METRICS_LISTEN="off",  # each worker's port is test_each_worker_gets_its_metrics_port's
         OPENROUTER_MANAGEMENT_KEY=sandbox.management_key,
         OPENROUTER_BASE_URL=str(sandbox.base_url),
     )
@@ -266,3 +268,13 @@ async def test_workers_refuse_a_port_in_use(database_url: str, sandbox: Sandbox,
         _, stderr = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in stderr.decode()
+
+
+def test_each_worker_gets_its_metrics_port() -> None:
+    assert [metrics_listen("127.0.0.1:9464", i) for i in range(3)] == [
+        "127.0.0.1:9464",
+        "127.0.0.1:9465",
+        "127.0.0.1:9466",
+    ]
+    assert metrics_listen("0.0.0.0:0", 1) == "0.0.0.0:0", "port 0: each worker picks a free one"
+    assert metrics_listen(None, 1) == "off"
