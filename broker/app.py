@@ -170,9 +170,7 @@ async def serving(runtime: Runtime, *, reuse_port: bool = False) -> AsyncIterato
         )
         port = await server.start(runtime.settings.listen, credentials)
         tasks = BackgroundTasks(
-            broker_tasks(
-                runtime.settings, runtime.keys, runtime.ledger, runtime.reconciler, runtime.alerts
-            ),
+            broker_tasks(runtime.settings, runtime.keys, runtime.ledger, runtime.reconciler, runtime.alerts),
             runtime.leases,
             observe=runtime.metrics.observe_task,
         )

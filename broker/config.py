@@ -271,9 +271,7 @@ def _metrics_listen(raw: str | None) -> str | None:
     return raw
 
 
-def _thresholds(
-    env: Mapping[str, str], name: str, default: tuple[Decimal, ...]
-) -> tuple[Decimal, ...]:
+def _thresholds(env: Mapping[str, str], name: str, default: tuple[Decimal, ...]) -> tuple[Decimal, ...]:
     raw = env.get(name)
     if not raw:
         return default

@@ -105,9 +105,7 @@ class Ledger:
 
     async def record_usage(self, usage: UsageRecord) -> UsageResult:
         now = self.clock()
-        row = await ledger_store.record_usage(
-            self.db, usage, now, period_start(now), self.alert_thresholds
-        )
+        row = await ledger_store.record_usage(self.db, usage, now, period_start(now), self.alert_thresholds)
         if row.outcome == "no_key":
             raise NoApiKey(usage.user_id)
         if not row.duplicate and self.on_recorded is not None:

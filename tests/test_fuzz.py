@@ -501,8 +501,6 @@ async def test_fuzzed_requests_get_documented_answers_and_rejections_write_nothi
     await fuzzed_users.exercise(rpc, request)
 
 
-
-
 @settings(FUZZ, max_examples=6)
 @given(request=message_strategy(METHODS["WatchKeys"].input_type))
 async def test_a_fuzzed_watch_filter_opens_a_stream_or_is_refused_cleanly(

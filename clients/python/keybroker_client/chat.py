@@ -137,9 +137,7 @@ async def openrouter_chat(
     return reply
 
 
-async def _replaced_after_401(
-    broker: BrokerForChat, user_id: str, key: keybroker_pb2.GetKeyResponse
-) -> bool:
+async def _replaced_after_401(broker: BrokerForChat, user_id: str, key: keybroker_pb2.GetKeyResponse) -> bool:
     """Report the refused key; True when the broker now has another key for the user (it
     confirmed ours dead and rotated it, or ours was already stale), so one retry makes sense."""
     broker.invalidate_key(user_id)
