@@ -101,8 +101,9 @@ BEGIN
 END;
 $$;
 
--- GetKey, now also rate-limited (o_outcome 'rate_limited').
-CREATE OR REPLACE FUNCTION kb_get_key(p_user text, p_period date, p_now timestamptz, p_actor text,
+-- GetKey: the sealed secret for disclosure, with its audit row (kb_audit, the user's hash chain)
+-- in the same transaction. o_outcome: ok | no_key | disabled | limit | rate_limited.
+CREATE FUNCTION kb_get_key(p_user text, p_period date, p_now timestamptz, p_actor text,
                                       p_event_id uuid)
 RETURNS TABLE (o_outcome text, o_key_id text, o_key_version bigint, o_sealed bytea, o_kek_id text,
                o_limit numeric, o_spent numeric, o_reserved numeric)
@@ -153,8 +154,10 @@ BEGIN
 END;
 $$;
 
--- CheckLimit, now also rate-limited (o_outcome 'rate_limited').
-CREATE OR REPLACE FUNCTION kb_check_limit(p_user text, p_estimate numeric, p_request_id text,
+-- CheckLimit. Without an estimate a pure read; with one, the estimate is reserved by one guarded
+-- UPDATE so that concurrent callers can never reserve more than the remaining budget.
+-- o_outcome: ok | no_key | disabled | rate_limited.
+CREATE FUNCTION kb_check_limit(p_user text, p_estimate numeric, p_request_id text,
                                           p_new_reservation uuid, p_now timestamptz,
                                           p_period date, p_expire timestamptz)
 RETURNS TABLE (o_outcome text, o_allowed boolean, o_limit numeric, o_spent numeric,
@@ -218,10 +221,11 @@ BEGIN
 END;
 $$;
 
--- RecordUsage, now also keeping the roll-ups and firing threshold alerts in its transaction.
--- p_thresholds: percentages of the limit, ascending (e.g. {80,100}).
-DROP FUNCTION kb_record_usage(text, text, uuid, text, text, bigint, bigint, bigint, numeric, bigint,
-                              timestamptz, date);
+-- RecordUsage: idempotent by (user_id, request_id); settles the reservation, adds the cost, keeps
+-- the daily/hourly roll-ups and fires threshold alerts, all in one transaction; always records,
+-- even past the limit. A retry gets the first answer. p_thresholds: percentages of the limit,
+-- ascending (e.g. {80,100}). o_outcome: ok | no_key. Raises SQLSTATE KB409 if a duplicate raced
+-- in from another period (the caller runs it again).
 CREATE FUNCTION kb_record_usage(p_user text, p_request_id text, p_reservation_id uuid,
                                 p_model text, p_agent text, p_prompt bigint, p_completion bigint,
                                 p_total bigint, p_cost numeric, p_duration_ms bigint,
