@@ -283,9 +283,7 @@ class KeyBrokerClient:
     ) -> keybroker_pb2.ReportKeyInvalidResponse:
         """Tell the broker OpenRouter refused this key; it rotates the key only if OpenRouter
         confirms it dead. Drops the cached key of the user when the answer names a new version."""
-        request = keybroker_pb2.ReportKeyInvalidRequest(
-            user_id=user_id, key_id=key_id, http_status=http_status
-        )
+        request = messages.report_key_invalid_request(user_id, key_id, http_status)
         reply: keybroker_pb2.ReportKeyInvalidResponse = await self._call(
             "KeyBroker", "ReportKeyInvalid", request, keybroker_pb2.ReportKeyInvalidResponse, timeout
         )
@@ -297,7 +295,7 @@ class KeyBrokerClient:
         self, *, dry_run: bool = False, timeout: float | None = 120.0
     ) -> keybroker_pb2.ReconcileResponse:
         """Compare OpenRouter's keys with the broker's and repair (admin)."""
-        request = keybroker_pb2.ReconcileRequest(dry_run=dry_run)
+        request = messages.reconcile_request(dry_run=dry_run)
         return await self._call(
             "KeyBrokerAdmin", "Reconcile", request, keybroker_pb2.ReconcileResponse, timeout
         )
@@ -312,11 +310,8 @@ class KeyBrokerClient:
         timeout: float | None = 300.0,
     ) -> keybroker_pb2.RotateKeysResponse:
         """Rotate every active key older than `older_than` (0: all), each with a grace (admin)."""
-        request = keybroker_pb2.RotateKeysRequest(
-            older_than=messages.duration(older_than),
-            grace_period=messages.duration(grace_period),
-            delete_old=delete_old,
-            dry_run=dry_run,
+        request = messages.rotate_keys_request(
+            older_than=older_than, grace_period=grace_period, delete_old=delete_old, dry_run=dry_run
         )
         return await self._call(
             "KeyBrokerAdmin", "RotateKeys", request, keybroker_pb2.RotateKeysResponse, timeout

@@ -190,3 +190,28 @@ def cost_report_request(
     return keybroker_pb2.GetCostReportRequest(
         kind=keybroker_pb2.CostReportKind.ValueType(kind), date=date or "", month=month or ""
     )
+
+
+def report_key_invalid_request(
+    user_id: str, key_id: str, http_status: int
+) -> keybroker_pb2.ReportKeyInvalidRequest:
+    return keybroker_pb2.ReportKeyInvalidRequest(user_id=user_id, key_id=key_id, http_status=http_status)
+
+
+def reconcile_request(*, dry_run: bool = False) -> keybroker_pb2.ReconcileRequest:
+    return keybroker_pb2.ReconcileRequest(dry_run=dry_run)
+
+
+def rotate_keys_request(
+    *,
+    older_than: datetime.timedelta,
+    grace_period: datetime.timedelta,
+    delete_old: bool = False,
+    dry_run: bool = False,
+) -> keybroker_pb2.RotateKeysRequest:
+    return keybroker_pb2.RotateKeysRequest(
+        older_than=duration(older_than),
+        grace_period=duration(grace_period),
+        delete_old=delete_old,
+        dry_run=dry_run,
+    )
