@@ -45,6 +45,10 @@ from broker.validation import USER_ID
 log = logging.getLogger("keybroker.keys")
 
 
+def _reused_request_id() -> InvalidArgument:
+    return InvalidArgument("request_id", "was already used by another operation on this user")
+
+
 class SecretUnreadable(KeybrokerError):
     """A stored secret does not open with the configured master key: a deployment fault that a
     retry cannot fix (an operator must restore the right key, or re-provision)."""
@@ -135,9 +139,11 @@ class KeyService:
             raise InvalidArgument("tier", f"unknown tier {tier!r}")
         current = await keys_store.find_user(self.db, user_id, period_start(self.clock()))
         if current is not None:
-            if await self._request_kind(user_id, request_id) == "provision":
+            made = await self._made_by(user_id, request_id)
+            if made is not None and made[0] == "provision":
                 return current  # a retry of the provisioning that made this key
-            await self._refuse_reused_request(user_id, request_id)
+            if made is not None:
+                raise _reused_request_id()
             if current.status != "revoked":
                 raise KeyExists(user_id)
         version = 1 if current is None else current.key_version + 1
@@ -356,25 +362,23 @@ class KeyService:
             await self.minter.discard(minted)
         return stored
 
-    async def _request_kind(self, user_id: str, request_id: str) -> str | None:
-        """Which operation made a key with this request id ('provision', 'rotate'), if any."""
+    async def _made_by(self, user_id: str, request_id: str) -> tuple[str, KeyRecord] | None:
+        """The key a request id made for this user, with the operation that made it
+        ('provision' or 'rotate'); None if the request id made no key."""
         record = await keys_store.find_key_by_request(self.db, user_id, request_id)
         if record is None:
             return None
         intent = await intents_store.find(self.db, user_id, record.key_version)
-        return intent.kind if intent is not None else ("provision" if record.key_version == 1 else "rotate")
-
-    async def _refuse_reused_request(self, user_id: str, request_id: str) -> None:
-        if await keys_store.find_key_by_request(self.db, user_id, request_id) is not None:
-            raise InvalidArgument("request_id", "was already used by another operation on this user")
+        kind = intent.kind if intent is not None else ("provision" if record.key_version == 1 else "rotate")
+        return kind, record
 
     async def _rotation_replay(self, user_id: str, request_id: str) -> Rotation | None:
-        kind = await self._request_kind(user_id, request_id)
-        if kind == "provision":
-            await self._refuse_reused_request(user_id, request_id)
-        record = await keys_store.find_key_by_request(self.db, user_id, request_id)
-        if record is None or kind != "rotate":
+        made = await self._made_by(user_id, request_id)
+        if made is None:
             return None
+        kind, record = made
+        if kind != "rotate":
+            raise _reused_request_id()
         previous = await keys_store.find_key(self.db, user_id, record.key_version - 1)
         assert previous is not None and previous.retire_at is not None
         return Rotation(record.key_id, record.key_version, previous.key_id, previous.retire_at)
