@@ -169,6 +169,38 @@ async def test_usage_in_a_new_month_starts_from_zero(broker: Broker, clock: Test
     assert jan.total_requests == 1 and jan.total_cost_usd == "2"
 
 
+async def test_a_reservation_settled_in_the_next_month_is_taken_off_its_own_month(
+    broker: Broker, clock: TestClock
+) -> None:
+    # The new month's period has nothing reserved, so RecordUsage there skips the expiry sweep
+    # (sql/0007): the reservation must still leave January, and February count only the cost.
+    clock.fixed = datetime(2026, 1, 31, 23, 58, 0, tzinfo=UTC)
+    await broker.provision("fern", limit="5")
+    held = await broker.agent.CheckLimit(
+        pb.CheckLimitRequest(user_id="fern", estimated_cost_usd="1.5"), metadata=broker.as_agent()
+    )
+    assert held.allowed and Decimal(held.reserved_usd) == Decimal("1.5")
+    clock.fixed = datetime(2026, 2, 1, 0, 1, 0, tzinfo=UTC)
+    reply = await broker.agent.RecordUsage(
+        usage("fern", "gen-across", "0.7", reservation_id=held.reservation_id), metadata=broker.as_agent()
+    )
+    assert Decimal(reply.spent_usd) == Decimal("0.7") and Decimal(reply.remaining_usd) == Decimal("4.3")
+    conn = await broker.db()
+    try:
+        periods = await conn.fetch(
+            "SELECT period_start, spent_usd, reserved_usd FROM usage_periods WHERE user_id = 'fern' "
+            "ORDER BY period_start"
+        )
+        open_reservations = await conn.fetchval("SELECT count(*) FROM reservations WHERE user_id = 'fern'")
+    finally:
+        await conn.close()
+    assert [(str(p["period_start"]), p["spent_usd"], p["reserved_usd"]) for p in periods] == [
+        ("2026-01-01", Decimal(0), Decimal(0)),
+        ("2026-02-01", Decimal("0.7"), Decimal(0)),
+    ]
+    assert open_reservations == 0
+
+
 async def test_get_key_is_refused_once_spent_reaches_the_limit_with_the_amounts(broker: Broker) -> None:
     await broker.provision("frank", limit="1.5")
     reply = await broker.agent.RecordUsage(usage("frank", "g1", "1.6"), metadata=broker.as_agent())
