@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 import asyncpg
 
 from broker.config import Settings
+from broker.conn_pool import ConnectionPool
 from broker.errors import DatabaseUnavailable
 
 log = logging.getLogger("keybroker.db")
@@ -42,38 +43,33 @@ MAX_ATTEMPTS = 4
 class Database:
     """A bounded pool with deadlines; every call maps driver failures to DatabaseUnavailable."""
 
-    def __init__(self, pool: asyncpg.Pool, acquire_timeout: float) -> None:
+    def __init__(self, pool: ConnectionPool, acquire_timeout: float) -> None:
         self.pool = pool
         self.acquire_timeout = acquire_timeout
         self._dedicated: Callable[[], Awaitable[asyncpg.Connection]] | None = None
 
     @classmethod
     async def connect(cls, dsn: str, settings: Settings) -> Database:
-        try:
-            pool = await asyncpg.create_pool(
+        async def open_connection() -> asyncpg.Connection:
+            return await asyncpg.connect(
                 dsn,
-                min_size=min(settings.db_pool_min, settings.db_pool_max),
-                max_size=settings.db_pool_max,
-                command_timeout=settings.db_command_timeout,
                 timeout=settings.db_connect_timeout,
-                statement_cache_size=settings.db_statement_cache_size,
-                max_inactive_connection_lifetime=60.0,
+                command_timeout=settings.db_command_timeout,
+                statement_cache_size=settings.db_statement_cache_size,  # PgBouncer < 1.21: 0
                 server_settings={"application_name": "keybroker"},
-                # No session state is ever left on a pooled connection (every statement is its
-                # own transaction; locks are transaction-level; LISTEN uses its own connection),
-                # so skip asyncpg's reset query, a second round trip on every release.
-                reset=_no_session_state_to_reset,
             )
+
+        # No session state is ever left on a pooled connection (every statement is its own
+        # transaction; locks are transaction-level; LISTEN uses its own connection), so a
+        # connection goes back to the pool as it is, without a reset query.
+        pool = ConnectionPool(open_connection, settings.db_pool_min, settings.db_pool_max)
+        try:
+            await pool.start()
         except UNREACHABLE as exc:
+            await pool.close()
             raise DatabaseUnavailable(f"cannot connect to the database ({type(exc).__name__})") from exc
         database = cls(pool, acquire_timeout=settings.db_command_timeout)
-        database._dedicated = lambda: asyncpg.connect(
-            dsn,
-            timeout=settings.db_connect_timeout,
-            command_timeout=settings.db_command_timeout,
-            statement_cache_size=settings.db_statement_cache_size,  # PgBouncer < 1.21: 0
-            server_settings={"application_name": "keybroker"},
-        )
+        database._dedicated = open_connection
         return database
 
     async def connect_dedicated(self) -> asyncpg.Connection:
@@ -88,8 +84,14 @@ class Database:
 
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[asyncpg.Connection]:
-        async with translate_errors(), self.pool.acquire(timeout=self.acquire_timeout) as conn:
-            yield conn
+        async with translate_errors():
+            conn = await self.pool.acquire(self.acquire_timeout)
+            try:
+                yield conn
+            except BaseException as error:
+                self.pool.release(conn, reusable_after(error))
+                raise
+            self.pool.release(conn)
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[asyncpg.Connection]:
@@ -129,11 +131,14 @@ class Database:
         RPC's way to the database, and those cost ~10 µs of CPU per call (bench, issue 6)."""
         pool = self.pool
         try:
-            conn = await pool.acquire(timeout=self.acquire_timeout)
+            conn = await pool.acquire(self.acquire_timeout)
             try:
-                return await work(conn)
-            finally:
-                await pool.release(conn)
+                result = await work(conn)
+            except BaseException as error:
+                pool.release(conn, reusable_after(error))
+                raise
+            pool.release(conn)
+            return result
         except DatabaseUnavailable:
             raise
         except UNREACHABLE as exc:
@@ -148,8 +153,22 @@ class Database:
         return True
 
 
-async def _no_session_state_to_reset(conn: asyncpg.Connection) -> None:
-    return None
+# Errors after which a statement may still be running on the connection, or its protocol state is
+# unknown: the connection is terminated instead of going back to the pool.
+INTERRUPTED: tuple[type[BaseException], ...] = (
+    TimeoutError,
+    OSError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    asyncpg.PostgresConnectionError,
+)
+
+
+def reusable_after(error: BaseException) -> bool:
+    """Whether a connection can be reused after `error` ended the work on it: yes after an SQL
+    error or a domain error raised between statements; not after a cancellation, a deadline or a
+    connection failure. (The pool also refuses closed connections and open transactions.)"""
+    return isinstance(error, Exception) and not isinstance(error, INTERRUPTED)
 
 
 @asynccontextmanager
