@@ -68,7 +68,7 @@ async def check_limit(
         user_id,
         estimate,
         request_id,
-        uuid.uuid4(),
+        uuid.uuid4() if estimate is not None else None,  # the id of a new reservation, if any
         now,
         period,
         expire_time,
