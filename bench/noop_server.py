@@ -67,15 +67,24 @@ def fixed_responses() -> dict[str, message.Message]:
     }
 
 
-def _answer(reply: message.Message) -> Callable[..., Awaitable[message.Message]]:
+def _answer(reply: message.Message, delay: float) -> Callable[..., Awaitable[message.Message]]:
+    if delay > 0:
+
+        async def later(self: Any, request: message.Message, context: grpc.aio.ServicerContext) -> Any:
+            await asyncio.sleep(delay)
+            return reply
+
+        return later
+
     async def method(self: Any, request: message.Message, context: grpc.aio.ServicerContext) -> Any:
         return reply
 
     return method
 
 
-def noop_servicer(base: type, service_name: str) -> Any:
-    """An instance of the generated servicer base with every unary method answering at once."""
+def noop_servicer(base: type, service_name: str, delay: float = 0.0) -> Any:
+    """An instance of the generated servicer base with every unary method answering at once (or
+    after `delay` seconds on a timer)."""
     replies = fixed_responses()
     methods: dict[str, Any] = {}
     for method in pb.DESCRIPTOR.services_by_name[service_name].methods:
@@ -83,7 +92,7 @@ def noop_servicer(base: type, service_name: str) -> Any:
             continue  # streams keep the base class's UNIMPLEMENTED
         output = method.output_type.name
         reply = replies.get(output) or getattr(pb, output)()
-        methods[method.name] = _answer(reply)
+        methods[method.name] = _answer(reply, delay)
     return type(f"Noop{service_name}", (base,), methods)()
 
 
@@ -107,13 +116,17 @@ class PassThroughInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         return handler._replace(unary_unary=wrapped)
 
 
-def build_server(interceptors: int = 0) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+def build_server(
+    interceptors: int = 0, delay: float = 0.0
+) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
     server = grpc.aio.server(
         interceptors=[PassThroughInterceptor() for _ in range(interceptors)], options=server_options()
     )
-    pb_grpc.add_KeyBrokerServicer_to_server(noop_servicer(pb_grpc.KeyBrokerServicer, "KeyBroker"), server)
+    pb_grpc.add_KeyBrokerServicer_to_server(
+        noop_servicer(pb_grpc.KeyBrokerServicer, "KeyBroker", delay), server
+    )
     pb_grpc.add_KeyBrokerAdminServicer_to_server(
-        noop_servicer(pb_grpc.KeyBrokerAdminServicer, "KeyBrokerAdmin"), server
+        noop_servicer(pb_grpc.KeyBrokerAdminServicer, "KeyBrokerAdmin", delay), server
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -122,8 +135,8 @@ def build_server(interceptors: int = 0) -> tuple[grpc.aio.Server, health.aio.Hea
     return server, health_servicer
 
 
-async def serve(listen: str, interceptors: int = 0) -> None:
-    server, health_servicer = build_server(interceptors)
+async def serve(listen: str, interceptors: int = 0, delay: float = 0.0) -> None:
+    server, health_servicer = build_server(interceptors, delay)
     port = server.add_insecure_port(listen)
     if port == 0:
         raise OSError(f"cannot listen on {listen}")
@@ -145,15 +158,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--interceptors", type=int, default=0, help="pass-through interceptors to add (default 0)"
     )
+    parser.add_argument(
+        "--answer-delay-ms",
+        type=float,
+        default=0.0,
+        help="answer after this many ms on a timer (default 0: at once); shows what waiting costs",
+    )
     args = parser.parse_args(argv)
     if not args.listen.startswith("127.0.0.1:"):
         parser.error("the benchmark only listens on 127.0.0.1")
     try:
         import uvloop  # the broker's `serve` runs on uvloop too: same loop, fair comparison
     except ImportError:
-        asyncio.run(serve(args.listen, args.interceptors))
+        asyncio.run(serve(args.listen, args.interceptors, args.answer_delay_ms / 1000))
     else:
-        uvloop.run(serve(args.listen, args.interceptors))
+        uvloop.run(serve(args.listen, args.interceptors, args.answer_delay_ms / 1000))
     return 0
 
 
