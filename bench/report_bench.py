@@ -36,6 +36,7 @@ import asyncpg
 
 from broker.admin_service import daily_report_response, monthly_report_response
 from broker.clock import FrozenClock, period_end, period_start
+from broker.conn_pool import ConnectionPool
 from broker.db import Database
 from broker.migrations import migrate
 from broker.reports import TOP_MODELS, CostReports
@@ -71,6 +72,7 @@ TIER_LIMITS = {
 }
 CHUNK = 100_000
 TARGET_MS = 200.0
+PAGE = 1000  # rows per page in the paged cases
 
 ROLLUP_DAILY = """
 INSERT INTO usage_daily
@@ -292,37 +294,49 @@ async def measure(conn: asyncpg.Connection, db: Database, runs: int, end: date) 
     def month_args(first: date) -> tuple[Any, ...]:
         return (first, period_end(first).date(), TOP_MODELS)
 
-    async def daily_query() -> int:
-        return len(await reports_store.daily_rows(db, day))
+    daily_args = (day, None, None, None, None)  # the first page of everything: the whole day
 
-    async def daily_rpc() -> int:
-        return len(daily_report_response(await reports.daily(day)).daily)
+    def monthly_sql_args(first: date, page: int | None = None) -> tuple[Any, ...]:
+        return (*month_args(first), None, None, page)
+
+    async def daily_query() -> int:
+        return len((await reports_store.daily_rows(db, day))[0])
+
+    async def daily_rpc(page_size: int = 0) -> int:
+        return len(daily_report_response(await reports.daily(day, page_size)).daily)
 
     async def monthly_query() -> int:
-        return len(await reports_store.monthly_rows(db, *month_args(month)))
+        return len((await reports_store.monthly_rows(db, *month_args(month)))[0])
 
-    async def monthly_rpc(first: date) -> int:
-        return len(monthly_report_response(await reports.monthly(first)).monthly)
+    async def monthly_rpc(first: date, page_size: int = 0) -> int:
+        return len(monthly_report_response(await reports.monthly(first, page_size)).monthly)
 
     async def summary() -> int:
         _, by_model, by_agent = await ledger_store.usage_summary(db, heavy, month)
         return len(by_model) + len(by_agent)
 
     cases: list[tuple[str, Callable[[], Awaitable[int]], str, tuple[Any, ...]]] = [
-        (f"daily report query ({day})", daily_query, DAILY_SQL, (day,)),
-        (f"daily report + proto ({day})", daily_rpc, DAILY_SQL, (day,)),
-        (f"monthly report query ({month:%Y-%m})", monthly_query, MONTHLY_SQL, month_args(month)),
+        (f"daily report query ({day})", daily_query, DAILY_SQL, daily_args),
+        (f"daily report + proto ({day})", daily_rpc, DAILY_SQL, daily_args),
+        (f"daily report + proto, first page of {PAGE}", lambda: daily_rpc(PAGE), DAILY_SQL, daily_args),
+        (f"monthly report query ({month:%Y-%m})", monthly_query, MONTHLY_SQL, monthly_sql_args(month)),
         (
             f"monthly report + proto ({month:%Y-%m})",
             lambda: monthly_rpc(month),
             MONTHLY_SQL,
-            month_args(month),
+            monthly_sql_args(month),
+        ),
+        (
+            f"monthly report + proto, first page of {PAGE}",
+            lambda: monthly_rpc(month, PAGE),
+            MONTHLY_SQL,
+            monthly_sql_args(month, PAGE + 1),
         ),
         (
             f"monthly report + proto ({this_month:%Y-%m}, partial)",
             lambda: monthly_rpc(this_month),
             MONTHLY_SQL,
-            month_args(this_month),
+            monthly_sql_args(this_month),
         ),
         (f"usage summary query ({heavy}, {month:%Y-%m})", summary, SUMMARY_SQL, (heavy, month)),
     ]
@@ -355,7 +369,8 @@ def print_table(counts: dict[str, int], results: list[Timing], runs: int) -> Non
 
 async def run(args: argparse.Namespace, dsn: str) -> None:
     conn = await asyncpg.connect(dsn)
-    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
+    pool = ConnectionPool(lambda: asyncpg.connect(dsn), min_size=1, max_size=2)
+    await pool.start()
     try:
         await migrate(conn)
         counts = await load(conn, args)

@@ -23,6 +23,8 @@ from broker.service import caller_name
 
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
+# Cost report rows are small (~100 bytes): 10,000 of them stay far below gRPC's 4 MB limit.
+MAX_REPORT_PAGE_SIZE = 10_000
 MAX_KEY_AGE = timedelta(days=3650)
 ALERT_KINDS = {pb.ALERT_KIND_THRESHOLD: "THRESHOLD", pb.ALERT_KIND_ANOMALY: "ANOMALY"}
 
@@ -126,16 +128,19 @@ class KeyBrokerAdminService(pb_grpc.KeyBrokerAdminServicer):
     async def GetCostReport(
         self, request: pb.GetCostReportRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetCostReportResponse:
+        if not 0 <= request.page_size <= MAX_REPORT_PAGE_SIZE:
+            raise InvalidArgument("page_size", f"must be between 0 and {MAX_REPORT_PAGE_SIZE}")
+        page = (request.page_size, request.page_token)
         if request.kind == pb.COST_REPORT_KIND_DAILY:
             day = check.day(request.date, "date")
             if request.month:
                 raise InvalidArgument("month", "applies only to COST_REPORT_KIND_MONTHLY")
-            return daily_report_response(await self.cost_reports.daily(day))
+            return daily_report_response(await self.cost_reports.daily(day, *page))
         if request.kind == pb.COST_REPORT_KIND_MONTHLY:
             month = check.month(request.month, "month")
             if request.date:
                 raise InvalidArgument("date", "applies only to COST_REPORT_KIND_DAILY")
-            return monthly_report_response(await self.cost_reports.monthly(month))
+            return monthly_report_response(await self.cost_reports.monthly(month, *page))
         raise InvalidArgument("kind", "must be COST_REPORT_KIND_DAILY or COST_REPORT_KIND_MONTHLY")
 
     async def Reconcile(
@@ -205,6 +210,7 @@ def daily_report_response(report: DailyReport) -> pb.GetCostReportResponse:
             for r in report.rows
         ],
         total_cost_usd=format_usd(report.total_cost_usd),
+        next_page_token=report.next_page_token,
     )
 
 
@@ -223,7 +229,10 @@ def monthly_report_response(report: MonthlyReport) -> pb.GetCostReportResponse:
             )
         )
     return pb.GetCostReportResponse(
-        period=month_label(report.month), monthly=rows, total_cost_usd=format_usd(report.total_cost_usd)
+        period=month_label(report.month),
+        monthly=rows,
+        total_cost_usd=format_usd(report.total_cost_usd),
+        next_page_token=report.next_page_token,
     )
 
 

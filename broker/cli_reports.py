@@ -11,7 +11,6 @@ import argparse
 import csv
 import sys
 from collections.abc import Iterable, Sequence
-from datetime import date
 from decimal import Decimal
 from typing import Any
 
@@ -20,7 +19,7 @@ from keybroker_client import KeyBrokerClient
 
 from broker.cli_remote import as_dict
 from broker.money import format_usd
-from broker.reports import DailyReport, DailyRow
+from broker.reports import DailyRow, user_day_totals
 from broker.tables import print_json, print_table
 
 DAILY_COLUMNS = ("user_id", "model", "requests", "tokens", "cost_usd")
@@ -43,7 +42,7 @@ def add_report_commands(commands: Any) -> None:
 
 
 async def daily_report(client: KeyBrokerClient, args: argparse.Namespace) -> None:
-    reply = await client.get_cost_report("daily", date=args.date or None)
+    reply = await client.fetch_cost_report("daily", date=args.date or None)
     if args.json:
         print_json(as_dict(reply))
     elif args.csv:
@@ -60,7 +59,7 @@ async def daily_report(client: KeyBrokerClient, args: argparse.Namespace) -> Non
 
 
 async def monthly_report(client: KeyBrokerClient, args: argparse.Namespace) -> None:
-    reply = await client.get_cost_report("monthly", month=args.month or None)
+    reply = await client.fetch_cost_report("monthly", month=args.month or None)
     if args.json:
         print_json(as_dict(reply))
     elif args.csv:
@@ -114,11 +113,10 @@ def monthly_row(row: pb.MonthlyCostRow) -> dict[str, Any]:
 
 def user_totals(rows: Iterable[pb.DailyCostRow]) -> list[dict[str, Any]]:
     """Per user over all models, highest cost first (the domain's rule, on the reply's rows)."""
-    report = DailyReport(
-        date.min,
-        [DailyRow(r.user_id, r.model, r.requests, r.tokens, Decimal(r.cost_usd)) for r in rows],
+    totals = user_day_totals(
+        [DailyRow(r.user_id, r.model, r.requests, r.tokens, Decimal(r.cost_usd)) for r in rows]
     )
     return [
         {"user_id": u.user_id, "requests": u.requests, "tokens": u.tokens, "cost_usd": format_usd(u.cost_usd)}
-        for u in report.user_totals()
+        for u in totals
     ]

@@ -10,14 +10,20 @@ zero).
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 from dataclasses import dataclass
 from datetime import UTC, date
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation
+from typing import TypeVar
 
 from broker.clock import Clock, period_end, period_start
 from broker.db import Database
+from broker.errors import InvalidArgument
 from broker.storage import reports_store
-from broker.storage.reports_store import DailyRow, MonthlyRow
+from broker.storage.reports_store import DailyAfter, DailyRow, MonthlyAfter, MonthlyRow
+from broker.validation import USER_ID
 
 __all__ = [
     "TOP_MODELS",
@@ -28,9 +34,11 @@ __all__ = [
     "MonthlyRow",
     "UserDayTotals",
     "percent_used",
+    "user_day_totals",
 ]
 
 TOP_MODELS = 3
+Row = TypeVar("Row")
 
 
 def percent_used(spent: Decimal, limit: Decimal | None) -> Decimal | None:
@@ -59,30 +67,27 @@ class UserDayTotals:
 @dataclass(frozen=True)
 class DailyReport:
     day: date
-    rows: list[DailyRow]  # per (user, model), highest cost first
-
-    @property
-    def total_cost_usd(self) -> Decimal:
-        return sum((row.cost_usd for row in self.rows), Decimal(0))
-
-    def user_totals(self) -> list[UserDayTotals]:
-        """Per user over all models, highest cost first (ties by user id)."""
-        totals: dict[str, tuple[int, int, Decimal]] = {}
-        for row in self.rows:
-            requests, tokens, cost = totals.get(row.user_id, (0, 0, Decimal(0)))
-            totals[row.user_id] = (requests + row.requests, tokens + row.tokens, cost + row.cost_usd)
-        users = [UserDayTotals(user, *values) for user, values in totals.items()]
-        return sorted(users, key=lambda u: (-u.cost_usd, u.user_id))
+    rows: list[DailyRow]  # per (user, model), highest cost first: the whole day or one page
+    total_cost_usd: Decimal  # the whole day
+    next_page_token: str = ""  # "" on the last page
 
 
 @dataclass(frozen=True)
 class MonthlyReport:
     month: date  # first day of the month
-    rows: list[MonthlyRow]  # per user with usage, highest spend first
+    rows: list[MonthlyRow]  # per user with usage, highest spend first: the whole month or one page
+    total_cost_usd: Decimal  # the whole month
+    next_page_token: str = ""  # "" on the last page
 
-    @property
-    def total_cost_usd(self) -> Decimal:
-        return sum((row.spent_usd for row in self.rows), Decimal(0))
+
+def user_day_totals(rows: list[DailyRow]) -> list[UserDayTotals]:
+    """Per user over all models, highest cost first (ties by user id)."""
+    totals: dict[str, tuple[int, int, Decimal]] = {}
+    for row in rows:
+        requests, tokens, cost = totals.get(row.user_id, (0, 0, Decimal(0)))
+        totals[row.user_id] = (requests + row.requests, tokens + row.tokens, cost + row.cost_usd)
+    users = [UserDayTotals(user, *values) for user, values in totals.items()]
+    return sorted(users, key=lambda u: (-u.cost_usd, u.user_id))
 
 
 class CostReports:
@@ -90,14 +95,79 @@ class CostReports:
         self.db = db
         self.clock = clock
 
-    async def daily(self, day: date | None = None) -> DailyReport:
-        """One UTC day (default: today by the clock)."""
+    async def daily(self, day: date | None = None, page_size: int = 0, page_token: str = "") -> DailyReport:
+        """One UTC day (default: today by the clock); one page of `page_size` rows, or all for 0."""
         day = day or self.clock().astimezone(UTC).date()
-        return DailyReport(day, await reports_store.daily_rows(self.db, day))
+        label = day.isoformat()
+        after = decode_page_token(page_token, "daily", label)
+        assert after is None or isinstance(after, DailyAfter)
+        rows, total = await reports_store.daily_rows(self.db, day, after, _fetch(page_size))
+        rows, last = _one_page(rows, page_size)
+        token = ""
+        if last is not None:
+            token = encode_page_token("daily", label, last.cost_usd, last.user_id, last.model)
+        return DailyReport(day, rows, total, token)
 
-    async def monthly(self, month: date | None = None) -> MonthlyReport:
-        """One calendar month (default: this month by the clock); `month` is its first day."""
+    async def monthly(
+        self, month: date | None = None, page_size: int = 0, page_token: str = ""
+    ) -> MonthlyReport:
+        """One calendar month (default: this month by the clock), `month` its first day; one page
+        of `page_size` rows, or all for 0."""
         month = month or period_start(self.clock())
+        label = month.strftime("%Y-%m")
+        after = decode_page_token(page_token, "monthly", label)
+        assert after is None or isinstance(after, MonthlyAfter)
         next_month = period_end(month).date()
-        rows = await reports_store.monthly_rows(self.db, month, next_month, TOP_MODELS)
-        return MonthlyReport(month, rows)
+        rows, total = await reports_store.monthly_rows(
+            self.db, month, next_month, TOP_MODELS, after, _fetch(page_size)
+        )
+        rows, last = _one_page(rows, page_size)
+        token = "" if last is None else encode_page_token("monthly", label, last.spent_usd, last.user_id)
+        return MonthlyReport(month, rows, total, token)
+
+
+# -- paging -------------------------------------------------------------------------------------
+
+
+def _fetch(page_size: int) -> int | None:
+    """Rows to read for a page: one more than the page, to know whether another follows."""
+    return page_size + 1 if page_size > 0 else None
+
+
+def _one_page(rows: list[Row], page_size: int) -> tuple[list[Row], Row | None]:
+    """The page, and its last row when another page follows (None on the last page)."""
+    if page_size <= 0 or len(rows) <= page_size:
+        return rows, None
+    return rows[:page_size], rows[page_size - 1]
+
+
+def encode_page_token(kind: str, period: str, cost: Decimal, *keys: str) -> str:
+    """An opaque token: the report it belongs to and the sort key of the page's last row."""
+    raw = json.dumps([kind, period, str(cost), *keys], separators=(",", ":"))
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def decode_page_token(token: str, kind: str, period: str) -> DailyAfter | MonthlyAfter | None:
+    """Where the page continues; None for an empty token. INVALID_ARGUMENT (page_token) for a
+    token that is not from a previous page of this same report."""
+    if not token:
+        return None
+    try:
+        padded = token + "=" * (-len(token) % 4)
+        fields = json.loads(base64.b64decode(padded.encode("ascii"), altchars=b"-_", validate=True))
+        if not isinstance(fields, list) or not all(isinstance(f, str) for f in fields):
+            raise ValueError("not a list of strings")
+        if fields[:2] != [kind, period]:
+            raise ValueError("another report")
+        cost = Decimal(fields[2])
+        if not cost.is_finite() or not USER_ID.fullmatch(fields[3]):
+            raise ValueError("not a sort key")
+        if kind == "daily" and len(fields) == 5:
+            return DailyAfter(cost, fields[3], fields[4])
+        if kind == "monthly" and len(fields) == 4:
+            return MonthlyAfter(cost, fields[3])
+        raise ValueError("wrong length")
+    except (binascii.Error, UnicodeError, ValueError, TypeError, IndexError, InvalidOperation):
+        raise InvalidArgument(
+            "page_token", "is not a token from a previous page of this report (same kind, date or month)"
+        ) from None

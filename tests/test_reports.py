@@ -307,3 +307,106 @@ async def test_cli_rejects_a_bad_date_and_csv_with_json(broker: Broker, tmp_path
     assert bad.returncode == 1 and "date" in bad.stderr and bad.stderr.count("\n") == 1
     both = await run(*keybroker("report", "monthly", "--csv", "--json"), env=env)
     assert both.returncode == 2
+
+
+# -- paging ---------------------------------------------------------------------------------------
+
+
+async def all_pages(
+    broker: Broker, kind: int, page_size: int, date_: str = "", month: str = ""
+) -> list[pb.GetCostReportResponse]:
+    pages, token = [], ""
+    while True:
+        page = await broker.admin.GetCostReport(
+            pb.GetCostReportRequest(
+                kind=kind, date=date_, month=month, page_size=page_size, page_token=token
+            ),
+            metadata=broker.as_admin(),
+            timeout=10,
+        )
+        pages.append(page)
+        assert len(page.daily) + len(page.monthly) <= page_size
+        if not page.next_page_token:
+            return pages
+        token = page.next_page_token
+        assert len(pages) < 100, "paging does not end"
+
+
+@pytest.mark.parametrize("page_size", [1, 2, 3, 10_000])
+async def test_daily_pages_add_up_to_the_whole_report(usage: Broker, page_size: int) -> None:
+    whole = await report(usage, DAILY, "2031-01-31")
+    assert not whole.next_page_token  # page_size 0: everything at once, as before paging existed
+    pages = await all_pages(usage, DAILY, page_size, date_="2031-01-31")
+    assert [row for page in pages for row in daily_rows(page)] == daily_rows(whole)
+    assert len(pages) == max(1, -(-len(whole.daily) // page_size))
+    assert {page.total_cost_usd for page in pages} == {whole.total_cost_usd}  # the whole day's total
+    assert {page.period for page in pages} == {"2031-01-31"}
+
+
+@pytest.mark.parametrize("page_size", [1, 2])
+async def test_monthly_pages_add_up_to_the_whole_report(usage: Broker, page_size: int) -> None:
+    for month in ("2031-01", "2031-02"):
+        whole = await report(usage, MONTHLY, month=month)
+        pages = await all_pages(usage, MONTHLY, page_size, month=month)
+        assert [row for page in pages for row in monthly_rows(page)] == monthly_rows(whole)
+        assert {page.total_cost_usd for page in pages} == {whole.total_cost_usd}
+
+
+async def test_pages_split_rows_of_equal_cost_without_losing_or_repeating_one(
+    broker: Broker, clock: TestClock
+) -> None:
+    clock.fixed = datetime(2031, 3, 5, 12, 0, tzinfo=UTC)
+    users = [f"tie-{n}" for n in range(5)]
+    for n, user in enumerate(users):
+        await broker.provision(user, tier="free")
+        for model in ("m/x", "m/y"):
+            await record(
+                broker, clock, 100 + 2 * n + (model == "m/y"), (clock.fixed, user, model, "a", "0.5", 9)
+            )
+    daily = [
+        row for page in await all_pages(broker, DAILY, 3, date_="2031-03-05") for row in daily_rows(page)
+    ]
+    assert [(user, model) for user, model, *_ in daily] == [(u, m) for u in users for m in ("m/x", "m/y")]
+    monthly = [
+        row for page in await all_pages(broker, MONTHLY, 2, month="2031-03") for row in monthly_rows(page)
+    ]
+    assert [row[0] for row in monthly] == users and {row[1] for row in monthly} == {"1"}
+
+
+async def test_the_client_fetches_every_page_into_one_report(usage: Broker) -> None:
+    async with KeyBrokerClient(usage.target, token=usage.admin_token) as client:
+        whole = await client.get_cost_report("daily", "2031-01-31")
+        fetched = await client.fetch_cost_report("daily", "2031-01-31", page_size=2)
+        assert daily_rows(fetched) == daily_rows(whole) and fetched.total_cost_usd == whole.total_cost_usd
+        first = await client.get_cost_report("monthly", month="2031-01", page_size=1)
+        assert len(first.monthly) == 1 and first.next_page_token
+
+
+@pytest.mark.parametrize("page_size", [-1, 10_001])
+async def test_a_page_size_out_of_range_is_invalid(usage: Broker, page_size: int) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await usage.admin.GetCostReport(
+            pb.GetCostReportRequest(kind=DAILY, page_size=page_size), metadata=usage.as_admin(), timeout=10
+        )
+    assert_invalid_argument(error.value, "page_size")
+
+
+async def test_a_page_token_of_another_report_or_garbage_is_invalid(usage: Broker) -> None:
+    daily = await usage.admin.GetCostReport(
+        pb.GetCostReportRequest(kind=DAILY, date="2031-01-31", page_size=1), metadata=usage.as_admin()
+    )
+    monthly = await usage.admin.GetCostReport(
+        pb.GetCostReportRequest(kind=MONTHLY, month="2031-01", page_size=1), metadata=usage.as_admin()
+    )
+    assert daily.next_page_token and monthly.next_page_token
+    wrong = [
+        pb.GetCostReportRequest(kind=MONTHLY, month="2031-01", page_token=daily.next_page_token),
+        pb.GetCostReportRequest(kind=DAILY, date="2031-02-01", page_token=daily.next_page_token),
+        pb.GetCostReportRequest(kind=MONTHLY, month="2031-02", page_token=monthly.next_page_token),
+        pb.GetCostReportRequest(kind=DAILY, date="2031-01-31", page_token="not-a-token"),
+        pb.GetCostReportRequest(kind=DAILY, date="2031-01-31", page_token=daily.next_page_token[:-3]),
+    ]
+    for request in wrong:
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await usage.admin.GetCostReport(request, metadata=usage.as_admin(), timeout=10)
+        assert_invalid_argument(error.value, "page_token")

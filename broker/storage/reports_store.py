@@ -14,26 +14,50 @@ from decimal import Decimal
 from broker.db import Database
 
 REPORT_WORK_MEM = "64MB"
+# A report's rows and its total are read in one read-only snapshot, so that they agree.
+# Plan each report query for its actual page bounds: a generic plan (which PostgreSQL may pick for
+# a prepared statement after five runs) cannot drop the "$2 IS NULL OR ..." test of a first page
+# or see LIMIT NULL, and took the 200,000-row monthly report from ~100 to ~155 ms
+# (bench/report_bench.py). SET LOCAL ends with the transaction: safe behind PgBouncer.
+CUSTOM_PLANS = "SET LOCAL plan_cache_mode = force_custom_plan"
+ONE_SNAPSHOT: dict[str, object] = {"isolation": "repeatable_read", "readonly": True}
 
-# One day's rows per (user, model), summed over agents; highest cost first.
+# One day's rows per (user, model), summed over agents; highest cost first. $2-$4: the last row of
+# the previous page (cost, user, model), or NULLs for the first page; $5: rows, or NULL for all.
 DAILY_SQL = """
-SELECT user_id, model, sum(requests)::bigint AS requests, sum(total_tokens)::bigint AS tokens,
-       sum(cost_usd) AS cost_usd
-FROM usage_daily
-WHERE day = $1
-GROUP BY user_id, model
+SELECT user_id, model, requests, tokens, cost_usd
+FROM (
+    SELECT user_id, model, sum(requests)::bigint AS requests, sum(total_tokens)::bigint AS tokens,
+           sum(cost_usd) AS cost_usd
+    FROM usage_daily
+    WHERE day = $1
+    GROUP BY user_id, model
+) r
+WHERE $2::numeric IS NULL OR r.cost_usd < $2 OR (r.cost_usd = $2 AND (r.user_id, r.model) > ($3, $4))
 ORDER BY cost_usd DESC, user_id, model
+LIMIT $5
 """
 
-# Each user with usage in the month: spend and requests from the period counter, the current limit
-# (custom, else the tier's; NULL = unlimited), and the three models with the highest cost (ties by
-# model name) from the daily roll-ups.
+DAILY_TOTAL_SQL = "SELECT coalesce(sum(cost_usd), 0) FROM usage_daily WHERE day = $1"
+
+# Each user with usage in the month, highest spend first: spend and requests from the period
+# counter, the current limit (custom, else the tier's; NULL = unlimited), and the three models with
+# the highest cost (ties by model name) from the daily roll-ups, read for the page's users only.
+# $4-$5: the last row of the previous page (spend, user), or NULLs; $6: rows, or NULL for all.
 MONTHLY_SQL = """
-WITH by_model AS (
-    SELECT user_id, model, sum(cost_usd) AS cost_usd
-    FROM usage_daily
-    WHERE day >= $1 AND day < $2
-    GROUP BY user_id, model
+WITH page AS (
+    SELECT p.user_id, p.spent_usd, p.request_count
+    FROM usage_periods p
+    WHERE p.period_start = $1 AND p.request_count > 0
+      AND ($4::numeric IS NULL OR p.spent_usd < $4 OR (p.spent_usd = $4 AND p.user_id > $5))
+    ORDER BY p.spent_usd DESC, p.user_id
+    LIMIT $6
+), by_model AS (
+    SELECT d.user_id, d.model, sum(d.cost_usd) AS cost_usd
+    FROM usage_daily d
+    JOIN page ON page.user_id = d.user_id
+    WHERE d.day >= $1 AND d.day < $2
+    GROUP BY d.user_id, d.model
 ), ranked AS (
     SELECT user_id, model, cost_usd,
            row_number() OVER (PARTITION BY user_id ORDER BY cost_usd DESC, model) AS rank
@@ -45,15 +69,18 @@ WITH by_model AS (
     WHERE rank <= $3
     GROUP BY user_id
 )
-SELECT p.user_id, p.spent_usd, p.request_count,
+SELECT page.user_id, page.spent_usd, page.request_count,
        coalesce(u.custom_limit_usd, t.monthly_limit_usd) AS limit_usd,
        top.models, top.costs
-FROM usage_periods p
-LEFT JOIN users u ON u.user_id = p.user_id
+FROM page
+LEFT JOIN users u ON u.user_id = page.user_id
 LEFT JOIN tiers t ON t.name = u.tier
-LEFT JOIN top ON top.user_id = p.user_id
-WHERE p.period_start = $1 AND p.request_count > 0
-ORDER BY p.spent_usd DESC, p.user_id
+LEFT JOIN top ON top.user_id = page.user_id
+ORDER BY page.spent_usd DESC, page.user_id
+"""
+
+MONTHLY_TOTAL_SQL = """
+SELECT coalesce(sum(spent_usd), 0) FROM usage_periods WHERE period_start = $1 AND request_count > 0
 """
 
 
@@ -75,19 +102,68 @@ class MonthlyRow:
     top_models: tuple[tuple[str, Decimal], ...]  # (model, cost), highest cost first
 
 
-async def daily_rows(db: Database, day: date) -> list[DailyRow]:
-    rows = await db.fetch(DAILY_SQL, day)
-    return [DailyRow(r["user_id"], r["model"], r["requests"], r["tokens"], r["cost_usd"]) for r in rows]
+@dataclass(frozen=True)
+class DailyAfter:
+    """Where a page of a daily report continues: after this (cost, user, model)."""
+
+    cost_usd: Decimal
+    user_id: str
+    model: str
 
 
-async def monthly_rows(db: Database, month: date, next_month: date, top: int = 3) -> list[MonthlyRow]:
-    async with db.transaction() as conn:
+@dataclass(frozen=True)
+class MonthlyAfter:
+    """Where a page of a monthly report continues: after this (spend, user)."""
+
+    spent_usd: Decimal
+    user_id: str
+
+
+async def daily_rows(
+    db: Database, day: date, after: DailyAfter | None = None, limit: int | None = None
+) -> tuple[list[DailyRow], Decimal]:
+    """A page of the day's rows (all rows when `limit` is None), and the day's total cost."""
+    async with db.connection() as conn, conn.transaction(**ONE_SNAPSHOT):  # rows and total agree
+        await conn.execute(CUSTOM_PLANS)
+        rows = await conn.fetch(
+            DAILY_SQL,
+            day,
+            after.cost_usd if after else None,
+            after.user_id if after else None,
+            after.model if after else None,
+            limit,
+        )
+        total = await conn.fetchval(DAILY_TOTAL_SQL, day)
+    page = [DailyRow(r["user_id"], r["model"], r["requests"], r["tokens"], r["cost_usd"]) for r in rows]
+    return page, total
+
+
+async def monthly_rows(
+    db: Database,
+    month: date,
+    next_month: date,
+    top: int = 3,
+    after: MonthlyAfter | None = None,
+    limit: int | None = None,
+) -> tuple[list[MonthlyRow], Decimal]:
+    """A page of the month's rows (all rows when `limit` is None), and the month's total spend."""
+    async with db.connection() as conn, conn.transaction(**ONE_SNAPSHOT):  # rows and total agree
         # A month of roll-ups can be 10^5+ rows (180,000 in bench/report_bench.py): with the default
         # 4 MB the (user, model) aggregation sorts on disk. SET LOCAL ends with the transaction, so it
         # is safe behind PgBouncer in transaction mode.
         await conn.execute(f"SET LOCAL work_mem = '{REPORT_WORK_MEM}'")
-        rows = await conn.fetch(MONTHLY_SQL, month, next_month, top)
-    return [
+        await conn.execute(CUSTOM_PLANS)
+        rows = await conn.fetch(
+            MONTHLY_SQL,
+            month,
+            next_month,
+            top,
+            after.spent_usd if after else None,
+            after.user_id if after else None,
+            limit,
+        )
+        total = await conn.fetchval(MONTHLY_TOTAL_SQL, month)
+    page = [
         MonthlyRow(
             user_id=r["user_id"],
             spent_usd=r["spent_usd"],
@@ -97,3 +173,4 @@ async def monthly_rows(db: Database, month: date, next_month: date, top: int = 3
         )
         for r in rows
     ]
+    return page, total

@@ -403,17 +403,46 @@ class KeyBrokerClient:
         date: str | datetime.date | None = None,
         month: str | datetime.date | None = None,
         *,
+        page_size: int = 0,
+        page_token: str = "",
         timeout: float | None = 60.0,
     ) -> keybroker_pb2.GetCostReportResponse:
         """A cost report (admin): ``kind`` "daily" (per user and model for one UTC day, ``date``
         "YYYY-MM-DD", default today) or "monthly" (per user against the limit, ``month`` "YYYY-MM",
-        default this month). Reports are not paged: past ~30,000 rows a reply outgrows gRPC's
-        default 4 MB receive limit; raise it with ``channel_options``
-        (``("grpc.max_receive_message_length", 64 << 20)``)."""
-        request = messages.cost_report_request(kind, date=date, month=month)
+        default this month). ``page_size`` 0 returns the whole report at once (past ~30,000 rows
+        that outgrows gRPC's default 4 MB receive limit); otherwise one page, continued with the
+        reply's ``next_page_token``. ``fetch_cost_report`` does the paging."""
+        request = messages.cost_report_request(
+            kind, date=date, month=month, page_size=page_size, page_token=page_token
+        )
         return await self._call(
             "KeyBrokerAdmin", "GetCostReport", request, keybroker_pb2.GetCostReportResponse, timeout
         )
+
+    async def fetch_cost_report(
+        self,
+        kind: str | int,
+        date: str | datetime.date | None = None,
+        month: str | datetime.date | None = None,
+        *,
+        page_size: int = 5000,
+        timeout: float | None = 60.0,
+    ) -> keybroker_pb2.GetCostReportResponse:
+        """The whole report, fetched page by page (``timeout`` applies per page) and returned as
+        one response: the rows of every page in order, the period, and the total of the last
+        page read."""
+        whole = keybroker_pb2.GetCostReportResponse()
+        page_token = ""
+        while True:
+            page = await self.get_cost_report(
+                kind, date, month, page_size=page_size, page_token=page_token, timeout=timeout
+            )
+            whole.daily.extend(page.daily)
+            whole.monthly.extend(page.monthly)
+            whole.period, whole.total_cost_usd = page.period, page.total_cost_usd
+            if not page.next_page_token:
+                return whole
+            page_token = page.next_page_token
 
     # -- Key cache and the OpenRouter call ---------------------------------------------------
 

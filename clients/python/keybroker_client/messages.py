@@ -173,6 +173,8 @@ def cost_report_request(
     *,
     date: str | datetime.date | None = None,
     month: str | datetime.date | None = None,
+    page_size: int = 0,
+    page_token: str = "",
 ) -> keybroker_pb2.GetCostReportRequest:
     """``kind``: "daily", "monthly" (any case) or a ``CostReportKind`` value; ``date`` a day
     ("YYYY-MM-DD" or a ``date``), ``month`` "YYYY-MM" or any ``date`` in the month."""
@@ -188,7 +190,11 @@ def cost_report_request(
     if isinstance(month, datetime.date):
         month = f"{month.year:04d}-{month.month:02d}"
     return keybroker_pb2.GetCostReportRequest(
-        kind=keybroker_pb2.CostReportKind.ValueType(kind), date=date or "", month=month or ""
+        kind=keybroker_pb2.CostReportKind.ValueType(kind),
+        date=date or "",
+        month=month or "",
+        page_size=page_size,
+        page_token=page_token,
     )
 
 

@@ -1477,22 +1477,34 @@ class GetCostReportRequest(_message.Message):
     KIND_FIELD_NUMBER: _builtins.int
     DATE_FIELD_NUMBER: _builtins.int
     MONTH_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     kind: Global___CostReportKind.ValueType
     """Which report."""
     date: _builtins.str
     """For DAILY: the UTC day "YYYY-MM-DD" (default today)."""
     month: _builtins.str
     """For MONTHLY: the month "YYYY-MM" (default this month)."""
+    page_size: _builtins.int
+    """Rows per page, 0-10000. 0 (the default) returns the whole report in one response; past some
+    30,000 rows that exceeds gRPC's default 4 MB receive limit, so large deployments should page.
+    """
+    page_token: _builtins.str
+    """next_page_token of the previous page of the same report (same kind and day or month); empty
+    for the first page. INVALID_ARGUMENT when it is not such a token.
+    """
     def __init__(
         self,
         *,
         kind: Global___CostReportKind.ValueType = ...,
         date: _builtins.str = ...,
         month: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["date", b"date", "kind", b"kind", "month", b"month"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["date", b"date", "kind", b"kind", "month", b"month", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1508,10 +1520,17 @@ class GetCostReportResponse(_message.Message):
     DAILY_FIELD_NUMBER: _builtins.int
     MONTHLY_FIELD_NUMBER: _builtins.int
     TOTAL_COST_USD_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     period: _builtins.str
     """The period reported: "YYYY-MM-DD" or "YYYY-MM"."""
     total_cost_usd: _builtins.str
-    """Total cost of the period, USD."""
+    """Total cost of the whole period (all pages), USD."""
+    next_page_token: _builtins.str
+    """Pass as page_token for the next page; empty on the last page and when page_size was 0. Pages
+    are ordered by cost and read one after another: while the current day or month is still
+    taking usage, a user whose cost changes between two reads can move across the page boundary
+    (appear twice or not at all). Past days and months do not change.
+    """
     @_builtins.property
     def daily(self) -> _containers.RepeatedCompositeFieldContainer[Global___DailyCostRow]:
         """DAILY rows: one per (user, model), highest cost first."""
@@ -1527,10 +1546,11 @@ class GetCostReportResponse(_message.Message):
         daily: _abc.Iterable[Global___DailyCostRow] | None = ...,
         monthly: _abc.Iterable[Global___MonthlyCostRow] | None = ...,
         total_cost_usd: _builtins.str = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["daily", b"daily", "monthly", b"monthly", "period", b"period", "total_cost_usd", b"total_cost_usd"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["daily", b"daily", "monthly", b"monthly", "next_page_token", b"next_page_token", "period", b"period", "total_cost_usd", b"total_cost_usd"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

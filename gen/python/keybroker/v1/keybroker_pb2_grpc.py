@@ -540,7 +540,8 @@ class KeyBrokerAdminServicer:
     def GetCostReport(self, request, context):
         """Cost report over all users: one UTC day (per user and model) or one month (per user: spend
         against limit and top models). Served from daily roll-ups, so it stays fast on a large ledger.
-        Errors: INVALID_ARGUMENT (INVALID_ARGUMENT for a bad date or month).
+        Pages with page_size/page_token; without page_size the whole report comes in one response.
+        Errors: INVALID_ARGUMENT (INVALID_ARGUMENT for a bad date, month, page_size or page_token).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -296,7 +296,8 @@ class KeyBrokerAdminStub:
     GetCostReport: _grpc.UnaryUnaryMultiCallable[_keybroker_pb2.GetCostReportRequest, _keybroker_pb2.GetCostReportResponse]
     """Cost report over all users: one UTC day (per user and model) or one month (per user: spend
     against limit and top models). Served from daily roll-ups, so it stays fast on a large ledger.
-    Errors: INVALID_ARGUMENT (INVALID_ARGUMENT for a bad date or month).
+    Pages with page_size/page_token; without page_size the whole report comes in one response.
+    Errors: INVALID_ARGUMENT (INVALID_ARGUMENT for a bad date, month, page_size or page_token).
     """
 
 @_typing.type_check_only
@@ -350,7 +351,8 @@ class KeyBrokerAdminAsyncStub(KeyBrokerAdminStub):
     GetCostReport: _aio.UnaryUnaryMultiCallable[_keybroker_pb2.GetCostReportRequest, _keybroker_pb2.GetCostReportResponse]  # type: ignore[assignment]
     """Cost report over all users: one UTC day (per user and model) or one month (per user: spend
     against limit and top models). Served from daily roll-ups, so it stays fast on a large ledger.
-    Errors: INVALID_ARGUMENT (INVALID_ARGUMENT for a bad date or month).
+    Pages with page_size/page_token; without page_size the whole report comes in one response.
+    Errors: INVALID_ARGUMENT (INVALID_ARGUMENT for a bad date, month, page_size or page_token).
     """
 
 class KeyBrokerAdminServicer(metaclass=_abc_1.ABCMeta):
@@ -461,7 +463,8 @@ class KeyBrokerAdminServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_keybroker_pb2.GetCostReportResponse, _abc.Awaitable[_keybroker_pb2.GetCostReportResponse]]:
         """Cost report over all users: one UTC day (per user and model) or one month (per user: spend
         against limit and top models). Served from daily roll-ups, so it stays fast on a large ledger.
-        Errors: INVALID_ARGUMENT (INVALID_ARGUMENT for a bad date or month).
+        Pages with page_size/page_token; without page_size the whole report comes in one response.
+        Errors: INVALID_ARGUMENT (INVALID_ARGUMENT for a bad date, month, page_size or page_token).
         """
 
 def add_KeyBrokerAdminServicer_to_server(servicer: KeyBrokerAdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
