@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 PY := $(BIN)/python
 PROTO_OUT := gen/python
 
-.PHONY: help install run test chaos check lint typecheck proto proto-check buf-lint buf-breaking bench bench-reports clean
+.PHONY: help install run test chaos check lint typecheck proto proto-check buf-lint buf-breaking bench bench-sql bench-reports clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -59,6 +59,9 @@ node_modules/.bin/buf:
 
 bench: $(STAMP) ## benchmark vs a no-op gRPC server (BENCH_ARGS="--quick", "--growth", ...)
 	$(PY) -m bench.run $(BENCH_ARGS)
+
+bench-sql: $(STAMP) ## hot-path SQL and connection-pool CPU per call, below gRPC (SQL_COST_ARGS="--upto 6")
+	$(PY) -m bench.sql_cost $(SQL_COST_ARGS)
 
 bench-reports: $(STAMP) ## cost-report query times on a 1M-row ledger (REPORT_BENCH_ARGS="--rows 200000")
 	$(PY) -m bench.report_bench $(REPORT_BENCH_ARGS)
