@@ -2,17 +2,17 @@
 
 asyncpg's own Pool starts an asyncio task for every acquire with a timeout (wait_for) and for
 every release (shield), and wraps each connection in a proxy whose every method call is
-forwarded. On the hot path, where each RPC is one statement, that was about 35 µs of CPU per
-statement out of 55 (in-process, 32 callers, `SELECT $1`; issue 6). Here an idle connection is
-handed out and taken back with no task and no proxy; waiting for a busy pool costs one future and
-one timer.
+forwarded. On the hot path, where each RPC is one statement, that cost 56-59 µs of client CPU per
+`SELECT $1` against 22-24 µs here (`make bench-sql`, 32 callers; issue 6). Here an idle connection
+is handed out and taken back with no task and no proxy; waiting for a busy pool costs one future
+and one timer.
 
 What is kept from asyncpg's pool: at most `max_size` connections, opened when needed (`min_size`
-at start); a connection whose state is unknown (closed, still inside a transaction, or given back
-after anything but a plain SQL error, e.g. a cancelled or timed-out statement) is terminated, never
-reused (it is closed in the background, so that a statement cancelled on it is stopped on the server
-first); connections idle for longer than `max_idle_seconds` are closed down to `min_size`; close()
-waits for the connections in use. Waiters are served first come, first served.
+at start); a connection whose state is unknown (still inside a transaction, or given back after
+anything but a plain SQL error, e.g. a cancelled or timed-out statement) is closed, never reused
+(in the background, so that a statement cancelled on it is first stopped on the server), and one
+found closed is dropped; connections idle for longer than `max_idle_seconds` are closed down to
+`min_size`; close() waits for the connections in use. Waiters are served first come, first served.
 """
 
 from __future__ import annotations
@@ -55,9 +55,13 @@ class ConnectionPool:
 
     async def start(self) -> None:
         """Open `min_size` connections now: a wrong address or password fails here, at start."""
-        opened = [await self._open() for _ in range(self.min_size)]
-        for conn in opened:
-            self.release(conn)
+        opened: list[asyncpg.Connection] = []
+        try:
+            for _ in range(self.min_size):
+                opened.append(await self._open())
+        finally:  # on failure too, so that close() does not wait for them
+            for conn in opened:
+                self.release(conn)
 
     def get_size(self) -> int:
         return self._size
@@ -83,7 +87,7 @@ class ConnectionPool:
 
     def release(self, conn: asyncpg.Connection, reusable: bool = True) -> None:
         """Give `conn` back. With reusable=False (the caller saw it fail in a way that may leave
-        it mid-statement) it is terminated and its slot goes to the next waiter."""
+        it mid-statement) it is closed, and its slot then goes to the next waiter."""
         if conn.is_closed():
             self._forget(conn)
             return

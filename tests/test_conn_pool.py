@@ -208,3 +208,20 @@ def _closed(conn: asyncpg.Connection) -> Callable[[], Awaitable[bool]]:
         return conn.is_closed()
 
     return check
+
+
+async def test_a_failed_start_keeps_what_it_opened_idle_so_close_does_not_wait(database_url: str) -> None:
+    opened: list[asyncpg.Connection] = []
+
+    async def connect_once() -> asyncpg.Connection:
+        if opened:
+            raise OSError("refused")  # the second connection fails
+        opened.append(await asyncpg.connect(database_url, timeout=10))
+        return opened[0]
+
+    pool = ConnectionPool(connect_once, min_size=2, max_size=3)
+    with pytest.raises(OSError):
+        await pool.start()
+    assert pool.get_size() == 1 and pool.get_idle_size() == 1  # not counted as in use
+    await pool.close(grace_seconds=30)
+    assert opened[0].is_closed() and pool.get_size() == 0
