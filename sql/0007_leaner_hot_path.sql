@@ -13,6 +13,11 @@
 -- * Threshold alerts are counted in PL/pgSQL instead of a query over unnest().
 -- * A user's expired reservations are found by index (user_id, expire_time) instead of reading
 --   all of that user's open reservations.
+-- * kb_user_state and kb_lock_period keep their signatures but are now defined by the new
+--   kb_user_state_rpm and kb_lock_period_row (one definition each); kb_take_rate_slot, no longer
+--   called, is dropped.
+-- * On Supabase, the new functions are restricted as 0006 restricted the old ones, by a function
+--   that later migrations adding kb_* functions call again (kb_restrict_internal_functions).
 
 CREATE INDEX reservations_user_expiry ON reservations (user_id, expire_time);
 
@@ -29,6 +34,12 @@ LANGUAGE sql STABLE AS $$
     WHERE u.user_id = p_user;
 $$;
 
+CREATE OR REPLACE FUNCTION kb_user_state(p_user text)
+RETURNS TABLE (limit_usd numeric, disabled boolean, key_status text, key_version bigint)
+LANGUAGE sql STABLE AS $$
+    SELECT s.limit_usd, s.disabled, s.key_status, s.key_version FROM kb_user_state_rpm(p_user) s;
+$$;
+
 -- Count one call against a known limit of p_rpm calls per minute; false when it is used up.
 CREATE FUNCTION kb_count_rate_slot(p_user text, p_now timestamptz, p_rpm integer) RETURNS boolean
 LANGUAGE sql AS $$
@@ -37,6 +48,8 @@ LANGUAGE sql AS $$
     ON CONFLICT (user_id, window_start) DO UPDATE SET count = w.count + 1
     RETURNING w.count <= p_rpm;
 $$;
+
+DROP FUNCTION kb_take_rate_slot(text, timestamptz);
 
 -- kb_lock_period, also returning what the locked row holds.
 CREATE FUNCTION kb_lock_period_row(p_user text, p_period date, OUT spent_usd numeric,
@@ -51,6 +64,13 @@ BEGIN
         SELECT p.spent_usd, p.reserved_usd INTO spent_usd, reserved_usd
         FROM usage_periods p WHERE p.user_id = p_user AND p.period_start = p_period FOR UPDATE;
     END IF;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION kb_lock_period(p_user text, p_period date) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM kb_lock_period_row(p_user, p_period);
 END;
 $$;
 
@@ -326,3 +346,32 @@ BEGIN
     RETURN QUERY SELECT 'ok', false, v_spent, v_remaining, v_over;
 END;
 $$;
+
+-- Supabase grants EXECUTE on every new function to anon and authenticated by default, and PostgREST
+-- exposes what they may execute. 0006 took that away from the kb_* functions of its time; this
+-- does it for all kb_* functions, now and whenever a later migration that adds some calls it.
+CREATE FUNCTION kb_restrict_internal_functions() RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_function regprocedure;
+    v_others text := 'PUBLIC, authenticated';
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+                   WHERE n.nspname = 'auth' AND p.proname = 'uid' AND p.pronargs = 0)
+       OR to_regrole('authenticated') IS NULL OR to_regrole('service_role') IS NULL THEN
+        RETURN;  -- not a Supabase database
+    END IF;
+    IF to_regrole('anon') IS NOT NULL THEN
+        v_others := v_others || ', anon';
+    END IF;
+    FOR v_function IN
+        SELECT p.oid::regprocedure FROM pg_proc p
+        WHERE p.pronamespace = current_schema()::regnamespace AND p.proname LIKE 'kb\_%'
+    LOOP
+        EXECUTE format('REVOKE EXECUTE ON FUNCTION %s FROM %s', v_function, v_others);
+        EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO service_role', v_function);
+    END LOOP;
+END;
+$$;
+
+SELECT kb_restrict_internal_functions();

@@ -332,3 +332,24 @@ async def test_without_supabase_the_migration_changes_nothing(pg_admin_url: str,
                 ), "function privileges keep their defaults"
         finally:
             await conn.close()
+
+
+async def test_every_internal_function_is_for_the_owner_and_service_role_only(
+    supabase: asyncpg.Connection,
+) -> None:
+    # Functions of every migration, 0006's own and later ones: Supabase grants EXECUTE on new
+    # functions to anon and authenticated by default (the stand-in does too).
+    functions = await supabase.fetch(
+        "SELECT p.oid::regprocedure::text AS name FROM pg_proc p "
+        "WHERE p.pronamespace = current_schema()::regnamespace AND p.proname LIKE 'kb\\_%'"
+    )
+    assert {
+        "kb_user_state_rpm(text)",
+        "kb_check_limit(text,numeric,text,uuid,timestamp with time zone,date,timestamp with time zone)",
+    } <= {f["name"] for f in functions}
+    for function in functions:
+        for role, allowed in (("anon", False), ("authenticated", False), ("service_role", True)):
+            can = await supabase.fetchval(
+                "SELECT has_function_privilege($1, $2, 'EXECUTE')", role, function["name"]
+            )
+            assert can is allowed, (role, function["name"])
