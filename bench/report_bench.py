@@ -40,7 +40,7 @@ from broker.db import Database
 from broker.migrations import migrate
 from broker.reports import TOP_MODELS, CostReports
 from broker.storage import ledger_store, reports_store
-from broker.storage.reports_store import DAILY_SQL, MONTHLY_SQL, REPORT_WORK_MEM
+from broker.storage.reports_store import DAILY_SQL, MONTHLY_SQL, REPORT_SETTINGS
 
 LEDGER_COLUMNS = (
     "user_id",
@@ -271,7 +271,7 @@ def plan_summary(plan: dict[str, Any]) -> str:
 
 async def explain(conn: asyncpg.Connection, sql: str, *params: Any) -> str:
     async with conn.transaction():
-        await conn.execute(f"SET LOCAL work_mem = '{REPORT_WORK_MEM}'")  # as monthly_rows runs it
+        await conn.execute(REPORT_SETTINGS)  # as the reports run their queries
         raw = await conn.fetchval(f"EXPLAIN (FORMAT JSON) {sql}", *params)
     return plan_summary(json.loads(raw)[0]["Plan"])
 

@@ -11,8 +11,6 @@ they are never logged or stored; a webhook is known by the SHA-256 of its URL.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import hashlib
 import json
 import logging
@@ -31,6 +29,7 @@ from broker.config import ConfigError, Settings
 from broker.db import Database
 from broker.errors import InvalidArgument
 from broker.money import format_usd
+from broker.paging import decode_token, encode_token, split_page
 from broker.storage import alerts_store
 from broker.storage.alerts_store import AlertFilter, AlertRow, DueAlert
 from broker.validation import USER_ID
@@ -299,29 +298,25 @@ async def list_alerts(
     db: Database, where: AlertFilter, page_token: str, page_size: int
 ) -> tuple[list[AlertRow], str]:
     """One page, newest first, and the token of the next page ("" on the last)."""
-    rows = await alerts_store.list_alerts(db, where, decode_page_token(page_token), page_size + 1)
-    more = len(rows) > page_size
-    rows = rows[:page_size]
-    return rows, (encode_page_token(rows[-1]) if more else "")
+    found = await alerts_store.list_alerts(db, where, decode_page_token(page_token), page_size + 1)
+    rows, last = split_page(found, page_size)
+    return rows, ("" if last is None else encode_page_token(last))
 
 
 def encode_page_token(last: AlertRow) -> str:
-    raw = json.dumps([last.create_time.isoformat(), last.user_id, str(last.alert_id)])
-    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+    return encode_token(json.dumps([last.create_time.isoformat(), last.user_id, str(last.alert_id)]))
 
 
 def decode_page_token(token: str) -> tuple[datetime, str, uuid.UUID] | None:
     if not token:
         return None
     try:
-        padded = token + "=" * (-len(token) % 4)
-        raw = base64.b64decode(padded.encode("ascii"), altchars=b"-_", validate=True)
-        stamp, user_id, alert_id = json.loads(raw)
+        stamp, user_id, alert_id = json.loads(decode_token(token))
         if not all(isinstance(value, str) for value in (stamp, user_id, alert_id)):
             raise ValueError("not strings")
         create_time = datetime.fromisoformat(stamp)
         if create_time.tzinfo is None or not USER_ID.fullmatch(user_id):
             raise ValueError("not a key")
         return create_time, user_id, uuid.UUID(alert_id)
-    except (binascii.Error, UnicodeError, ValueError, TypeError):
+    except (ValueError, TypeError):
         raise InvalidArgument("page_token", "is not a token from a previous ListAlerts response") from None

@@ -8,8 +8,6 @@ database (api_keys.retire_at), so it happens even if this replica dies before do
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import logging
 from collections.abc import Awaitable
 from dataclasses import dataclass
@@ -36,6 +34,7 @@ from broker.errors import (
 )
 from broker.ledger import seconds_to_next_minute
 from broker.openrouter import OpenRouterClient
+from broker.paging import decode_token, encode_token, split_page
 from broker.provisioning import IntentBusy, KeyMinter, Minted
 from broker.storage import intents_store, keys_store
 from broker.storage.audit_writes import AuditEvent
@@ -271,10 +270,9 @@ class KeyService:
 
     async def list(self, page_token: str, page_size: int) -> tuple[list[UserKey], str]:
         after = decode_page_token(page_token)
-        rows = await keys_store.list_users(self.db, after, page_size + 1, period_start(self.clock()))
-        more = len(rows) > page_size
-        rows = rows[:page_size]
-        return rows, (encode_page_token(rows[-1].user_id) if more else "")
+        found = await keys_store.list_users(self.db, after, page_size + 1, period_start(self.clock()))
+        rows, last = split_page(found, page_size)
+        return rows, ("" if last is None else encode_page_token(last.user_id))
 
     async def retire_due(self) -> int:
         """Disable (or delete) provider keys whose grace has ended; returns how many."""
@@ -385,16 +383,15 @@ class KeyService:
 
 
 def encode_page_token(user_id: str) -> str:
-    return base64.urlsafe_b64encode(user_id.encode()).decode().rstrip("=")
+    return encode_token(user_id)
 
 
 def decode_page_token(token: str) -> str:
     if not token:
         return ""
     try:
-        padded = token + "=" * (-len(token) % 4)
-        user_id = base64.b64decode(padded.encode("ascii"), altchars=b"-_", validate=True).decode("utf-8")
-    except (binascii.Error, UnicodeError, ValueError):
+        user_id = decode_token(token)
+    except ValueError:
         user_id = ""
     if not USER_ID.fullmatch(user_id):
         raise InvalidArgument("page_token", "is not a token from a previous ListKeys response")

@@ -10,17 +10,15 @@ zero).
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 from dataclasses import dataclass
 from datetime import UTC, date
 from decimal import Decimal, InvalidOperation
-from typing import TypeVar
 
-from broker.clock import Clock, period_end, period_start
+from broker.clock import Clock, month_label, period_end, period_start
 from broker.db import Database
 from broker.errors import InvalidArgument
+from broker.paging import decode_token, encode_token, rows_to_read, split_page
 from broker.storage import reports_store
 from broker.storage.reports_store import DailyAfter, DailyRow, MonthlyAfter, MonthlyRow
 from broker.validation import USER_ID
@@ -38,7 +36,6 @@ __all__ = [
 ]
 
 TOP_MODELS = 3
-Row = TypeVar("Row")
 
 
 def percent_used(spent: Decimal, limit: Decimal | None) -> Decimal | None:
@@ -101,8 +98,8 @@ class CostReports:
         label = day.isoformat()
         after = decode_page_token(page_token, "daily", label)
         assert after is None or isinstance(after, DailyAfter)
-        rows, total = await reports_store.daily_rows(self.db, day, after, _fetch(page_size))
-        rows, last = _one_page(rows, page_size)
+        rows, total = await reports_store.daily_rows(self.db, day, after, rows_to_read(page_size))
+        rows, last = split_page(rows, page_size)
         token = ""
         if last is not None:
             token = encode_page_token("daily", label, last.cost_usd, last.user_id, last.model)
@@ -114,14 +111,14 @@ class CostReports:
         """One calendar month (default: this month by the clock), `month` its first day; one page
         of `page_size` rows, or all for 0."""
         month = month or period_start(self.clock())
-        label = month.strftime("%Y-%m")
+        label = month_label(month)
         after = decode_page_token(page_token, "monthly", label)
         assert after is None or isinstance(after, MonthlyAfter)
         next_month = period_end(month).date()
         rows, total = await reports_store.monthly_rows(
-            self.db, month, next_month, TOP_MODELS, after, _fetch(page_size)
+            self.db, month, next_month, TOP_MODELS, after, rows_to_read(page_size)
         )
-        rows, last = _one_page(rows, page_size)
+        rows, last = split_page(rows, page_size)
         token = "" if last is None else encode_page_token("monthly", label, last.spent_usd, last.user_id)
         return MonthlyReport(month, rows, total, token)
 
@@ -129,22 +126,9 @@ class CostReports:
 # -- paging -------------------------------------------------------------------------------------
 
 
-def _fetch(page_size: int) -> int | None:
-    """Rows to read for a page: one more than the page, to know whether another follows."""
-    return page_size + 1 if page_size > 0 else None
-
-
-def _one_page(rows: list[Row], page_size: int) -> tuple[list[Row], Row | None]:
-    """The page, and its last row when another page follows (None on the last page)."""
-    if page_size <= 0 or len(rows) <= page_size:
-        return rows, None
-    return rows[:page_size], rows[page_size - 1]
-
-
 def encode_page_token(kind: str, period: str, cost: Decimal, *keys: str) -> str:
     """An opaque token: the report it belongs to and the sort key of the page's last row."""
-    raw = json.dumps([kind, period, str(cost), *keys], separators=(",", ":"))
-    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+    return encode_token(json.dumps([kind, period, str(cost), *keys], separators=(",", ":")))
 
 
 def decode_page_token(token: str, kind: str, period: str) -> DailyAfter | MonthlyAfter | None:
@@ -153,8 +137,7 @@ def decode_page_token(token: str, kind: str, period: str) -> DailyAfter | Monthl
     if not token:
         return None
     try:
-        padded = token + "=" * (-len(token) % 4)
-        fields = json.loads(base64.b64decode(padded.encode("ascii"), altchars=b"-_", validate=True))
+        fields = json.loads(decode_token(token))
         if not isinstance(fields, list) or not all(isinstance(f, str) for f in fields):
             raise ValueError("not a list of strings")
         if fields[:2] != [kind, period]:
@@ -167,7 +150,7 @@ def decode_page_token(token: str, kind: str, period: str) -> DailyAfter | Monthl
         if kind == "monthly" and len(fields) == 4:
             return MonthlyAfter(cost, fields[3])
         raise ValueError("wrong length")
-    except (binascii.Error, UnicodeError, ValueError, TypeError, IndexError, InvalidOperation):
+    except (ValueError, TypeError, IndexError, InvalidOperation):
         raise InvalidArgument(
             "page_token", "is not a token from a previous page of this report (same kind, date or month)"
         ) from None

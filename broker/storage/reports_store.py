@@ -7,20 +7,26 @@ rows, whatever the size of the ledger.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import date
 from decimal import Decimal
 
+import asyncpg
+
 from broker.db import Database
 
+# Settings of a report's transaction, sent in one round trip. SET LOCAL ends with the transaction,
+# so they are safe behind PgBouncer in transaction mode.
+# - work_mem: a month of roll-ups can be 10^5+ rows (180,000 in bench/report_bench.py); with the
+#   default 4 MB the (user, model) aggregation sorts on disk.
+# - plan_cache_mode: plan each report query for its actual page bounds. A generic plan (which
+#   PostgreSQL may pick for a prepared statement after five runs) cannot drop the "$2 IS NULL OR
+#   ..." test of a first page or see LIMIT NULL, and took the 200,000-row monthly report from ~100
+#   to ~155 ms (bench/report_bench.py).
 REPORT_WORK_MEM = "64MB"
-# A report's rows and its total are read in one read-only snapshot, so that they agree.
-# Plan each report query for its actual page bounds: a generic plan (which PostgreSQL may pick for
-# a prepared statement after five runs) cannot drop the "$2 IS NULL OR ..." test of a first page
-# or see LIMIT NULL, and took the 200,000-row monthly report from ~100 to ~155 ms
-# (bench/report_bench.py). SET LOCAL ends with the transaction: safe behind PgBouncer.
-CUSTOM_PLANS = "SET LOCAL plan_cache_mode = force_custom_plan"
-ONE_SNAPSHOT: dict[str, object] = {"isolation": "repeatable_read", "readonly": True}
+REPORT_SETTINGS = f"SET LOCAL work_mem = '{REPORT_WORK_MEM}'; SET LOCAL plan_cache_mode = force_custom_plan"
 
 # One day's rows per (user, model), summed over agents; highest cost first. $2-$4: the last row of
 # the previous page (cost, user, model), or NULLs for the first page; $5: rows, or NULL for all.
@@ -119,12 +125,19 @@ class MonthlyAfter:
     user_id: str
 
 
+@asynccontextmanager
+async def report_transaction(db: Database) -> AsyncIterator[asyncpg.Connection]:
+    """A read-only snapshot, so that a report's rows and its total agree, with REPORT_SETTINGS."""
+    async with db.connection() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+        await conn.execute(REPORT_SETTINGS)
+        yield conn
+
+
 async def daily_rows(
     db: Database, day: date, after: DailyAfter | None = None, limit: int | None = None
 ) -> tuple[list[DailyRow], Decimal]:
     """A page of the day's rows (all rows when `limit` is None), and the day's total cost."""
-    async with db.connection() as conn, conn.transaction(**ONE_SNAPSHOT):  # rows and total agree
-        await conn.execute(CUSTOM_PLANS)
+    async with report_transaction(db) as conn:
         rows = await conn.fetch(
             DAILY_SQL,
             day,
@@ -147,12 +160,7 @@ async def monthly_rows(
     limit: int | None = None,
 ) -> tuple[list[MonthlyRow], Decimal]:
     """A page of the month's rows (all rows when `limit` is None), and the month's total spend."""
-    async with db.connection() as conn, conn.transaction(**ONE_SNAPSHOT):  # rows and total agree
-        # A month of roll-ups can be 10^5+ rows (180,000 in bench/report_bench.py): with the default
-        # 4 MB the (user, model) aggregation sorts on disk. SET LOCAL ends with the transaction, so it
-        # is safe behind PgBouncer in transaction mode.
-        await conn.execute(f"SET LOCAL work_mem = '{REPORT_WORK_MEM}'")
-        await conn.execute(CUSTOM_PLANS)
+    async with report_transaction(db) as conn:
         rows = await conn.fetch(
             MONTHLY_SQL,
             month,
